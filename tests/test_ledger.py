@@ -191,15 +191,32 @@ def test_started_task_may_restart_but_finished_task_never_runs_again(ledger: Led
     ledger.mark_finished("t1", Outcome(True, None))
     with pytest.raises(TransitionRefused, match="t1 is finished"):
         ledger.mark_started("t1")
-    with pytest.raises(TransitionRefused):
-        ledger.mark_finished("t1", Outcome(True, "again"))
     ledger.mark_acknowledged("t1")
+    with pytest.raises(TransitionRefused, match="t1 is acknowledged"):
+        ledger.mark_started("t1")
     with pytest.raises(TransitionRefused):
         ledger.mark_retired("t1", "late refusal")
     entry = ledger.get("t1")
     assert entry is not None
     assert (entry.state, entry.interruptions) == (TaskState.ACKNOWLEDGED, 2)
     assert entry.outcome == Outcome(True, None)
+
+
+def test_a_redelivered_acknowledged_task_can_put_its_result_back_in_the_outbox(
+    ledger: Ledger,
+) -> None:
+    ledger.record_claims([claim("a"), claim("b")])
+    ledger.mark_finished("a", Outcome(True, "a", COHORT_POST))
+    ledger.mark_cohort_delivered("a")
+    ledger.mark_acknowledged("a")
+    ledger.mark_finished("b", Outcome(True, "b"))
+
+    ledger.mark_finished("a", Outcome(True, "a", COHORT_POST))
+
+    assert [e.id for e in ledger.unsent()] == ["b", "a"]
+    again = ledger.get("a")
+    assert again is not None
+    assert (again.state, again.cohort_pending) == (TaskState.FINISHED, True)
 
 
 def test_changing_an_unknown_task_raises(ledger: Ledger) -> None:
@@ -592,6 +609,8 @@ def test_kill_9_at_any_point_leaves_every_task_consistent(state_dir: Path) -> No
             with closing(raw_db(state_dir)) as db:
                 assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
         assert len(entries) == tasks
+        if round_number == 1:  # the kill really came mid-way
+            assert any(entry.state is not TaskState.FINISHED for entry in entries)
         for entry in entries:
             assert entry.deliveries == round_number
             assert entry.envelope == "sealed-" + entry.id

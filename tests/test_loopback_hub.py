@@ -302,7 +302,16 @@ def test_another_trusts_task_is_never_handed_out_and_its_result_is_403(
         [True, None],
         {"success": True, "result": "x" * 10_000_001},
     ],
-    ids=repr,
+    ids=[
+        "no-success",
+        "success-string",
+        "success-int",
+        "no-result",
+        "result-int",
+        "result-object",
+        "not-an-object",
+        "result-too-long",
+    ],
 )
 def test_a_malformed_result_body_is_422_and_leaves_the_task_in_progress(
     hub: LoopbackHub, session: requests.Session, body: Any

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import requests
+import urllib3
 
 from trust_poller.errors import HubUnavailable, KeyRejected
 from trust_poller.kit import Kit
@@ -137,7 +138,11 @@ def _retry_after(value: str | None) -> float | None:
         return None
 
 
-def _describe(exc: requests.RequestException) -> str:
+def _describe(exc: requests.RequestException | urllib3.exceptions.HTTPError) -> str:
+    if isinstance(exc, urllib3.exceptions.ReadTimeoutError):
+        return "the hub stopped sending its reply (read timed out)"
+    if isinstance(exc, urllib3.exceptions.ProtocolError):
+        return "the connection was closed before the reply was complete"
     if isinstance(exc, requests.exceptions.SSLError):
         return "TLS verification failed (check HUB_CA_BUNDLE or the system trust store)"
     if isinstance(exc, requests.exceptions.ConnectTimeout):
@@ -231,7 +236,8 @@ class HubClient:
                 status = response.status_code
                 content_type = response.headers.get("Content-Type", "")
                 retry_after = _retry_after(response.headers.get("Retry-After"))
-        except requests.RequestException as exc:
+        # The body is read from urllib3 directly, whose errors requests does not wrap.
+        except (requests.RequestException, urllib3.exceptions.HTTPError) as exc:
             raise HubError(_describe(exc)) from None
         document: Any = None
         hub_json = False

@@ -356,9 +356,10 @@ class Ledger:
         self._change(task_id, {TaskState.CLAIMED, TaskState.STARTED}, "state = 'started'")
 
     def mark_finished(self, task_id: str, outcome: Outcome) -> None:
+        """Any state: a redelivered ACKNOWLEDGED/RETIRED task puts its result back to resend."""
         self._change(
             task_id,
-            {TaskState.CLAIMED, TaskState.STARTED},
+            None,
             "state = 'finished', success = ?, result = ?, cohort_post = ?, cohort_pending = ?, "
             f"awaiting_redelivery = 0, finished_order = {_NEXT_FINISHED}",
             *_outcome_columns(outcome),

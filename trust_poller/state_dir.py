@@ -106,15 +106,14 @@ class StateDirLock:
     def __init__(self, state_dir: Path) -> None:
         self.path = state_dir / LOCK_FILE
         self._fd: int | None = None
+        fd = -1
         try:
             with private_files():
                 fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, PRIVATE_FILE_MODE)
-        except OSError as error:
-            raise unusable(
-                state_dir, error.strerror or error, how_to_fix(error, state_dir)
-            ) from error
-        try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            os.fchmod(fd, PRIVATE_FILE_MODE)
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         except BlockingIOError:
             holder = _read_pid(fd)
             os.close(fd)
@@ -123,19 +122,10 @@ class StateDirLock:
                 "run only one per kit"
             ) from None
         except OSError as error:
-            os.close(fd)
-            raise unusable(
-                state_dir, error.strerror or error, how_to_fix(error, state_dir)
-            ) from error
-        try:
-            os.fchmod(fd, PRIVATE_FILE_MODE)
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        except OSError as error:
-            os.close(fd)
-            raise unusable(
-                state_dir, error.strerror or error, how_to_fix(error, state_dir)
-            ) from error
+            if fd >= 0:
+                os.close(fd)
+            fix = how_to_fix(error, state_dir)
+            raise unusable(state_dir, error.strerror or error, fix) from error
         self._fd = fd
 
     def release(self) -> None:
