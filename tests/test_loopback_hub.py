@@ -137,7 +137,7 @@ def test_heartbeats_are_recorded_with_their_snapshot_or_none(
 
 
 def _changed_snapshot(path: tuple[str, ...], value: Any) -> dict[str, Any]:
-    snapshot = json.loads(json.dumps(A_SNAPSHOT))
+    snapshot: dict[str, Any] = json.loads(json.dumps(A_SNAPSHOT))
     target = snapshot
     for key in path[:-1]:
         target = target[key]
@@ -442,10 +442,10 @@ def test_the_reaper_requeues_a_forgotten_task_then_fails_it_after_three_requeues
 ) -> None:
     with LoopbackHub(requeue_after=0.05) as hub:
         task_id = hub.enqueue("delete_imaging", {})
-        for expected_retries in (1, 2, 3):
+        for requeues in (1, 2, 3):
             assert [task["id"] for task in poll(hub, session)] == [task_id]
-            assert hub.wait_for(lambda n=expected_retries: hub.task(task_id).retry_count == n, 2)
-            assert hub.task(task_id).status == "PENDING"
+            assert hub.wait_for(lambda: hub.task(task_id).status == "PENDING", 2)
+            assert hub.task(task_id).retry_count == requeues
         assert [task["id"] for task in poll(hub, session)] == [task_id]
         assert hub.wait_for(lambda: hub.task(task_id).status == "FAILED", 2)
         task = hub.task(task_id)

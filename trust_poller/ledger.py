@@ -250,23 +250,24 @@ class Ledger:
                 ) from error
 
     def _select(self, where: str = "", params: Sequence[Any] = ()) -> list[LedgerEntry]:
+        """Entries matching `where`; damaged rows are moved to quarantine, logged and skipped."""
         entries: list[LedgerEntry] = []
         damaged: list[tuple[int, Any, str]] = []
-        with self._using(write=False) as db:
+        with self._guard, self._using(write=False) as db:
             for row in db.execute(f"{_SELECT} {where}", params).fetchall():
                 try:
                     entries.append(_entry_from_row(row))
                 except _BadRow as bad:
                     damaged.append((row[0], row[1], str(bad)))
-        if damaged:
-            try:
-                with self._using(write=True) as db:
-                    for seq, _, reason in damaged:
-                        _quarantine(db, seq, reason)
-            except StateUnwritable as error:
-                log.error("could not move damaged ledger rows to quarantine: %s", error)
-            for _, task_id, reason in damaged:
-                log.error("ledger row for task %s is damaged (%s): quarantined", task_id, reason)
+            if damaged:
+                try:
+                    with self._using(write=True) as db:
+                        for seq, _, reason in damaged:
+                            _quarantine(db, seq, reason)
+                except StateUnwritable as error:
+                    log.error("could not move damaged ledger rows to quarantine: %s", error)
+        for _, task_id, reason in damaged:
+            log.error("ledger row for task %s is damaged (%s): skipped", task_id, reason)
         return entries
 
     def _change(

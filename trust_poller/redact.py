@@ -12,7 +12,10 @@ from collections.abc import Iterable
 from urllib.parse import quote, quote_plus
 
 MASK = "[REDACTED]"
-_URL_CREDENTIALS = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/\s@:]+(?::[^/\s@]*)?@")
+# Userinfo runs to the last "@" before the path, so "://:pass@" and "user:p@ss@" are covered; a
+# quote ends it so JSON like {"u":"https://h","e":"a@b"} is left intact. The scheme length is
+# capped so a long run like "a.a.a.…" cannot make the search quadratic.
+_URL_CREDENTIALS = re.compile(r'(?i)\b([a-z][a-z0-9+.-]{0,31}://)[^\s/"<>\\]*@')
 
 
 def _forms(secret: str) -> set[str]:
@@ -43,5 +46,28 @@ class Redactor:
 
     def scrub(self, text: str) -> str:
         if self._pattern is not None:
-            text = self._pattern.sub(MASK, text)
+            text = self._mask_secrets(text, self._pattern)
         return _URL_CREDENTIALS.sub(rf"\1{MASK}@", text)
+
+    @staticmethod
+    def _mask_secrets(text: str, pattern: re.Pattern[str]) -> str:
+        # Occurrences can overlap ("…aaaabbbb" + "bbbbcccc…"); masking the union of every
+        # occurrence, not just the leftmost ones, leaves no fragment of either secret.
+        spans: list[tuple[int, int]] = []
+        position = 0
+        while (match := pattern.search(text, position)) is not None:
+            start, end = match.span()
+            if spans and start < spans[-1][1]:
+                spans[-1] = (spans[-1][0], max(spans[-1][1], end))
+            else:
+                spans.append((start, end))
+            position = start + 1
+        if not spans:
+            return text
+        pieces: list[str] = []
+        kept_from = 0
+        for start, end in spans:
+            pieces += (text[kept_from:start], MASK)
+            kept_from = end
+        pieces.append(text[kept_from:])
+        return "".join(pieces)
