@@ -85,6 +85,9 @@ def exits_with_code(body: Callable[..., int]) -> Callable[..., None]:
         except TrustPollerError as exc:
             log.error("%s", exc)
             code = exc.exit_code
+        except KeyboardInterrupt:
+            log.warning("interrupted; anything unsent is kept in the state directory")
+            code = EXIT_TEMPORARY
         except Exception:
             log.exception("internal error (a bug in trust-poller; please report it)")
             code = EXIT_INTERNAL_ERROR
