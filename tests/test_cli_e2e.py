@@ -199,3 +199,21 @@ def test_python_dash_m_and_version_work() -> None:
     done = run_cli("--version")
     assert done.returncode == 0
     assert re.search(r"trust-poller, version \d", done.stdout)
+
+
+def test_demo_runs_one_task_of_each_type_against_the_loopback_pair() -> None:
+    done = run_cli("demo", timeout=120)
+
+    assert done.returncode == 0, done.stdout + done.stderr
+    for task_type in (
+        "cohort_query",
+        "persist_cohort",
+        "create_imaging",
+        "delete_imaging",
+        "get_imaging_status",
+        "reimport_studies",
+        "update_user_profile",
+    ):
+        assert re.search(rf"{task_type}\s+COMPLETED", done.stdout), task_type
+    assert re.search(r"delete_imaging\s+FAILED .*failed authentication", done.stdout)
+    assert "every result delivered: yes" in done.stdout
