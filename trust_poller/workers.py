@@ -90,7 +90,7 @@ class TaskPool:
         cohorts = sum(job.cohort for job in self._running.values())
         for index, job in enumerate(self._queue):
             if busy.intersection(job.keys) or (job.cohort and cohorts >= self.cohort_slots):
-                pass  # later tasks with these keys wait their turn
+                busy.update(job.keys)  # later tasks with these keys wait their turn
                 continue
             return self._queue.pop(index)
         return None
