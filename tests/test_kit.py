@@ -355,6 +355,7 @@ PLUS_SLASH_KEY = base64.b64encode(b"\xfb" * 32).decode()
         pytest.param(PLUS_SLASH_KEY.replace("+", "-").replace("/", "_"), id="urlsafe-alphabet"),
         pytest.param(PLUS_SLASH_KEY.rstrip("="), id="padding-dropped"),
         pytest.param(PLUS_SLASH_KEY[:-1] + "*", id="stray-symbol"),
+        pytest.param(AES_B64[:20] + "!" + AES_B64[20:], id="junk-a-lax-decoder-would-skip"),
         pytest.param(AES_RAW.hex(), id="hex-instead-of-base64"),
         pytest.param("é" * 44, id="non-ascii"),
     ],
@@ -811,11 +812,11 @@ def offline_resolver(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     looked_up: list[str] = []
     real_getaddrinfo = socket.getaddrinfo
 
-    def getaddrinfo(host: str, *args: Any, **kwargs: Any) -> Any:
+    def getaddrinfo(host: str, port: Any, *args: Any, **kwargs: Any) -> Any:
         looked_up.append(host)
         if host.endswith(".invalid"):
             raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
-        return real_getaddrinfo(host, *args, flags=socket.AI_NUMERICHOST)
+        return real_getaddrinfo(host, port, flags=socket.AI_NUMERICHOST)
 
     monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
     return looked_up

@@ -71,7 +71,7 @@ def open_envelope(key: bytes, envelope: object, context: str) -> bytes:
     raw = _strict_b64decode(envelope, "payload")
     try:
         fields: Any = json.loads(raw)
-    except (UnicodeDecodeError, ValueError):
+    except (UnicodeDecodeError, ValueError, RecursionError):  # RecursionError: nested too deep
         raise PayloadRejected("payload is not an envelope: not JSON") from None
     if not isinstance(fields, dict):
         raise PayloadRejected("payload is not an envelope: not a JSON object")
@@ -106,7 +106,7 @@ def open_task_payload(key: bytes, task_type: str, envelope: object) -> dict[str,
     plaintext = open_envelope(key, envelope, task_context(task_type))
     try:
         payload: Any = json.loads(plaintext)
-    except (UnicodeDecodeError, ValueError):
+    except (UnicodeDecodeError, ValueError, RecursionError):
         raise PayloadRejected("payload plaintext is not JSON") from None
     if not isinstance(payload, dict):
         raise PayloadRejected("payload plaintext is not a JSON object")
