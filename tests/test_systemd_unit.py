@@ -2,14 +2,26 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
+import shlex
 import shutil
+import signal
 import subprocess
 import sys
+import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+
+from trust_poller.hub import CONNECT_TIMEOUT, READ_TIMEOUT, REPLY_DEADLINE
+from trust_poller.kit import DEFAULT_KIT_PATH, Kit
+from trust_poller.playground.harness import cli_env, wait_until
+from trust_poller.playground.loopback_hub import LoopbackHub
+from trust_poller.playground.notify_listener import NotifyListener
+from trust_poller.poller import FINAL_REPORT_SECONDS
 
 pytestmark = pytest.mark.systemd
 
@@ -92,3 +104,73 @@ def test_security_exposure_is_at_most_two(systemd_analyze: str, unit_copy: Path)
     match = re.search(r"Overall exposure level for \S+: (\d+(?:\.\d+)?)", output)
     assert match is not None, output
     assert float(match.group(1)) <= MAX_EXPOSURE
+
+
+def _seconds(value: str) -> float:
+    match = re.fullmatch(r"(\d+)(s|min)?", value)
+    assert match is not None, f"write {value!r} as N or Ns or Nmin"
+    return int(match.group(1)) * (60 if match.group(2) == "min" else 1)
+
+
+def test_watchdog_outlasts_the_main_loops_longest_blocking_step() -> None:
+    """A poll reply dripping in until its deadline must not look like a wedged loop."""
+    found = directives(UNIT.read_text(encoding="utf-8"))
+    longest_poll = CONNECT_TIMEOUT + REPLY_DEADLINE + READ_TIMEOUT
+
+    assert _seconds(found["WatchdogSec"][0]) > longest_poll + 10
+
+
+def test_stop_timeout_covers_the_default_drain_and_the_final_report() -> None:
+    found = directives(UNIT.read_text(encoding="utf-8"))
+    default_drain = next(f.default for f in dataclasses.fields(Kit) if f.name == "drain_timeout")
+    assert isinstance(default_drain, float)
+    threads_and_close = 10  # three thread joins of 2 s, the health probes' 3 s, closing up
+
+    assert _seconds(found["TimeoutStopSec"][0]) >= (
+        default_drain + FINAL_REPORT_SECONDS + threads_and_close
+    )
+
+
+def test_credential_is_loaded_from_the_default_kit_path() -> None:
+    found = directives(UNIT.read_text(encoding="utf-8"))
+
+    assert found["LoadCredential"] == [f"kit:{DEFAULT_KIT_PATH}"]
+
+
+def test_the_units_exact_exec_start_runs_against_the_loopback_hub(
+    hub: LoopbackHub, write_kit: Callable[..., Path], tmp_path: Path
+) -> None:
+    """ExecStart= as written, with only the binary path replaced, in systemd's environment."""
+    credentials, state = tmp_path / "credentials", tmp_path / "state"
+    credentials.mkdir(mode=0o500)
+    state.mkdir(mode=0o700)
+    kit = write_kit("credentials/kit")
+    kit.chmod(0o400)  # as systemd leaves a credential
+    (exec_start,) = directives(UNIT.read_text(encoding="utf-8"))["ExecStart"]
+    argv = shlex.split(exec_start.replace("${CREDENTIALS_DIRECTORY}", str(credentials)))
+    assert argv[0] == INSTALLED_BINARY
+    argv[0] = str(Path(sys.executable).parent / "trust-poller")
+    task = hub.enqueue("delete_imaging", {"imaging_project_id": str(uuid.uuid4())})
+
+    with NotifyListener() as notify, (tmp_path / "daemon.log").open("w") as log:
+        env = cli_env(
+            CREDENTIALS_DIRECTORY=str(credentials),
+            STATE_DIRECTORY=str(state),
+            NOTIFY_SOCKET=notify.address,
+            WATCHDOG_USEC="120000000",
+        )
+        process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=log, env=env)
+        try:
+            assert notify.wait_for("READY=1", 20), (tmp_path / "daemon.log").read_text()
+            assert wait_until(lambda: hub.task(task).status == "COMPLETED", 20)
+            process.send_signal(signal.SIGTERM)
+            assert process.wait(30) == 0
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait(10)
+        assert notify.lines[0] == "READY=1"
+        assert notify.lines[-1] == "STOPPING=1"
+        assert "WATCHDOG=1" in notify.lines
+    assert list(state.iterdir())  # the ledger lives in $STATE_DIRECTORY
+    assert "readable by group or others" not in (tmp_path / "daemon.log").read_text()

@@ -8,9 +8,10 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import os
 import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -25,7 +26,13 @@ from trust_poller.errors import (
     TrustPollerError,
 )
 from trust_poller.health import HealthCollector
-from trust_poller.kit import DEFAULT_KIT_PATH, Kit, load_kit, warn_unresolvable_hosts
+from trust_poller.kit import (
+    DEFAULT_KIT_PATH,
+    Kit,
+    check_kit_permissions,
+    load_kit,
+    warn_unresolvable_hosts,
+)
 from trust_poller.ledger import Ledger
 from trust_poller.logs import setup_logging
 from trust_poller.notify import SystemdNotifier
@@ -36,6 +43,8 @@ from trust_poller.whoami import identify, render_identity
 
 log = logging.getLogger("trust_poller")
 Command = TypeVar("Command", bound=Callable[..., Any])
+# Where systemd puts LoadCredential= copies (/run/credentials/<unit>/<name>).
+SYSTEMD_CREDENTIALS_ROOT = Path("/run/credentials")
 
 
 def common_options(command: Command) -> Command:
@@ -96,8 +105,27 @@ def exits_with_code(body: Callable[..., int]) -> Callable[..., None]:
     return wrapper
 
 
+def credential_source(kit_path: Path, environ: Mapping[str, str] | None = None) -> Path | None:
+    """The kit file systemd copied `kit_path` from, when `kit_path` is that credential copy.
+
+    The shipped unit loads the credential from the default kit path, so that is the file an
+    operator edits and whose permissions matter; the copy's are systemd's.
+    """
+    env = os.environ if environ is None else environ
+    roots = [SYSTEMD_CREDENTIALS_ROOT]
+    if env.get("CREDENTIALS_DIRECTORY"):
+        roots.append(Path(env["CREDENTIALS_DIRECTORY"]))
+    path = kit_path.absolute()
+    if path != DEFAULT_KIT_PATH and any(path.is_relative_to(root.absolute()) for root in roots):
+        return DEFAULT_KIT_PATH
+    return None
+
+
 def start(kit_path: Path, log_format: str, verbose: bool) -> tuple[Kit, Redactor]:
     redactor = setup_logging(verbose=verbose, log_format=log_format)
+    source = credential_source(kit_path)
+    if source is not None:
+        check_kit_permissions(source)
     kit = load_kit(kit_path)
     redactor.add(kit.secrets())
     return kit, redactor
@@ -186,5 +214,5 @@ def demo(log_format: str, verbose: bool) -> int:
     setup_logging(verbose=verbose, log_format=log_format)
     if not verbose:
         logging.getLogger().setLevel(logging.ERROR)
-    code: int = run_demo(click.echo)
-    return code
+    # The demo reports success or failure; a failed demo is a bug, not a kit or hub problem.
+    return EXIT_OK if run_demo(click.echo) == 0 else EXIT_INTERNAL_ERROR

@@ -50,8 +50,8 @@ def envelope_text(payload: object) -> str:
         return payload
     try:
         return json.dumps(payload)
-    except (TypeError, ValueError):
-        return repr(payload)
+    except (TypeError, ValueError, RecursionError):  # repr() would recurse just as deep
+        return f"<a {type(payload).__name__} payload that cannot be stored as text>"
 
 
 def outcome_summary(outcome: Outcome) -> str:

@@ -25,7 +25,7 @@ from trust_poller.hub import (
 )
 from trust_poller.identity import IdentityGuard
 from trust_poller.kit import Kit
-from trust_poller.pacing import HubBudgets, HubTrouble
+from trust_poller.pacing import Backoff, HubBudgets, HubTrouble
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +42,8 @@ class Heartbeat:
         trouble: HubTrouble,
         halt: threading.Event,
         health: HealthCollector | None = None,
+        *,
+        snapshot_pause: float = SNAPSHOT_PAUSE_SECONDS,
     ) -> None:
         self.kit = kit
         self.budgets = budgets
@@ -52,6 +54,7 @@ class Heartbeat:
         self.last_success: float | None = None
         self.last_reply: HeartbeatReply | None = None
         self.key_match: bool | None = None
+        self.snapshot_pause = snapshot_pause
         self._snapshot_paused_until = 0.0
 
     def _snapshot(self) -> dict[str, Any] | None:
@@ -67,18 +70,20 @@ class Heartbeat:
         except SnapshotRejected as rejected:
             log.error(
                 "hub rejected the health snapshot (422: %s); heartbeats go without one for "
-                "%.0f minutes",
+                "%g minutes",
                 rejected,
-                SNAPSHOT_PAUSE_SECONDS / 60,
+                self.snapshot_pause / 60,
             )
-            self._snapshot_paused_until = time.monotonic() + SNAPSHOT_PAUSE_SECONDS
+            self._snapshot_paused_until = time.monotonic() + self.snapshot_pause
             self.budgets.heartbeats.charge()
             reply = client.heartbeat(None, None)
+        # Before confirm(): the claim loop starts once the identity is confirmed, and must
+        # already know whether the kit's key is stale.
+        self._check_key(reply.hub_key_fingerprint)
         self.guard.confirm(reply.identity)
         self.last_success = time.monotonic()
         self.last_reply = reply
-        self._check_key(reply.hub_key_fingerprint)
-        self.trouble.succeeded()
+        self.trouble.succeeded("heartbeat")
         return reply
 
     def _check_key(self, hub_fingerprint: str | None) -> None:
@@ -103,24 +108,50 @@ class Heartbeat:
     def claiming_allowed(self) -> bool:
         return self.key_match is not False
 
+    @property
+    def period(self) -> float:
+        """The heartbeat interval, stretched to what the hub's heartbeat budget sustains.
+
+        A budget spent in a burst would silence heartbeats for the rest of its minute, and
+        the hub shows a trust offline after 30 s; evenly spaced beats never run it dry.
+        """
+        return max(self.kit.heartbeat_interval, self.budgets.heartbeats.spacing)
+
     def run(self) -> None:
-        """Thread body: beat every interval on the monotonic clock until halted."""
+        """Thread body: beat every period on the monotonic clock until halted.
+
+        Outages and 5xx keep the schedule (the next beat is the probe that notices recovery);
+        a 429 delays it through the budget's Retry-After; a rejected key backs off.
+        """
         client = HubClient(self.kit, self.halt, on_identity=self.guard.check)
+        period = self.period
+        if period > self.kit.heartbeat_interval:
+            log.info(
+                "heartbeats every %.1f s, not every %g s: HUB_HEARTBEATS_PER_MINUTE=%g allows "
+                "no more",
+                period,
+                self.kit.heartbeat_interval,
+                self.kit.hub_heartbeats_per_minute,
+            )
+        rejected = Backoff(period)
         next_beat = time.monotonic()
         try:
             while not self.halt.is_set():
                 started = time.monotonic()
+                delay = period
                 try:
                     self.beat(client)
+                    rejected.reset()
                 except (Halted, IdentityMismatch):
                     return
                 except HubKeyRejected as exc:
-                    self.trouble.failed(str(exc), key_rejected=True)
+                    self.trouble.failed(str(exc), key_rejected=True, channel="heartbeat")
+                    delay = rejected.next_delay()
                 except HubRateLimited as exc:
-                    self.trouble.failed(exc.reason, rate_limited=True)
+                    self.trouble.failed(exc.reason, rate_limited=True, channel="heartbeat")
                 except HubError as exc:
-                    self.trouble.failed(f"heartbeat: {exc.reason}")
-                next_beat = max(next_beat + self.kit.heartbeat_interval, started)
+                    self.trouble.failed(f"heartbeat: {exc.reason}", channel="heartbeat")
+                next_beat = max(next_beat + delay, started)
                 self.halt.wait(max(0.0, next_beat - time.monotonic()))
         finally:
             client.close()

@@ -18,7 +18,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 import requests
 import urllib3
@@ -26,6 +26,8 @@ import urllib3
 from trust_poller.errors import HubUnavailable, KeyRejected
 from trust_poller.kit import Kit
 from trust_poller.pacing import Pacer
+from trust_poller.payloads import nested_too_deep
+from trust_poller.redact import Redactor
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +36,10 @@ READ_TIMEOUT = 27.0
 REPLY_DEADLINE = 60.0
 SMALL_REPLY_CAP = 1 << 20
 PENDING_REPLY_CAP = 64 << 20
+# The hub's `detail` is kept to this many characters (it ends up in logs and short failures).
+DETAIL_CHARS = 300
+# Task types are short names; a longer one is refused, and never copied whole into logs.
+MAX_TASK_TYPE_CHARS = 100
 _409_STATUS = re.compile(r"status:\s*([A-Z_]+)")
 _OS_BUNDLES = (
     "/etc/ssl/certs/ca-certificates.crt",
@@ -52,6 +58,37 @@ def system_trust_store() -> str:
     return requests.utils.DEFAULT_CA_BUNDLE_PATH
 
 
+def tls_failure(exc: BaseException, verify: str, *, from_kit: bool) -> str:
+    """Why verifying the hub failed, against which CA store, and the fix (never a bypass)."""
+    reason = "the TLS handshake failed"
+    pending: list[object] = [exc]
+    for _ in range(16):  # requests wraps urllib3 wraps ssl; the bound only guards against cycles
+        if not pending:
+            break
+        current = pending.pop(0)
+        if isinstance(current, ssl.SSLCertVerificationError):
+            reason = f"certificate verify failed: {current.verify_message or current.reason}"
+            break
+        if isinstance(current, ssl.SSLError) and current.reason:
+            reason = f"TLS error: {current.reason}"
+        if isinstance(current, BaseException):
+            pending.extend(current.args)
+            pending.extend(x for x in (current.__cause__, current.__context__) if x is not None)
+            pending.append(getattr(current, "reason", None))
+    if from_kit:
+        store = f"HUB_CA_BUNDLE {verify}"
+    else:
+        store = (
+            f"the system trust store {verify} (HUB_CA_BUNDLE is not set; REQUESTS_CA_BUNDLE "
+            "and CURL_CA_BUNDLE are never used)"
+        )
+    return (
+        f"TLS verification of the hub failed ({reason}) against {store}; fix: set "
+        "HUB_CA_BUNDLE in the kit to the CA that signed the hub's certificate, or install "
+        "that CA in the system trust store"
+    )
+
+
 class HubError(HubUnavailable):
     """No usable answer from the hub (transport, timeout, 5xx, 429, not the hub's JSON)."""
 
@@ -62,6 +99,12 @@ class HubError(HubUnavailable):
         self.reason = reason
         self.status = status
         self.retry_after = retry_after
+
+    @property
+    def reply_unusable(self) -> bool:
+        """A 200 reply arrived but could not be used (too large, too slow, cut off, not JSON,
+        wrong shape): for a poll, the hub has already marked its tasks IN_PROGRESS."""
+        return self.status == 200
 
 
 class HubRateLimited(HubError):
@@ -123,12 +166,7 @@ class _Reply:
     document: Any
     hub_json: bool
     retry_after: float | None
-
-    @property
-    def detail(self) -> str:
-        if isinstance(self.document, dict):
-            return str(self.document.get("detail", ""))[:300]
-        return ""
+    detail: str = ""
 
 
 def _retry_after(value: str | None) -> float | None:
@@ -178,19 +216,26 @@ class HubClient:
         self.on_identity = on_identity
         self.timeout = (CONNECT_TIMEOUT, read_timeout)
         self.reply_deadline = reply_deadline
+        # Per request, never on the session: REQUESTS_CA_BUNDLE would override Session.verify.
         self.verify = str(kit.hub_ca_bundle) if kit.hub_ca_bundle else system_trust_store()
+        self._ca_from_kit = kit.hub_ca_bundle is not None
         self.session = requests.Session()
         self.session.trust_env = False  # no ~/.netrc: it would replace the auth header
         self.proxies = requests.utils.get_environ_proxies(self.base_url)
         self.headers = {kit.api_key_header: kit.api_key, "Accept": "application/json"}
+        self.redactor = Redactor(kit.secrets())
 
     def close(self) -> None:
         self.session.close()
 
     def _read(self, response: requests.Response, cap: int) -> bytes:
+        status = response.status_code
         declared = response.headers.get("Content-Length", "")
-        if declared.isdigit() and int(declared) > cap:
-            raise HubError(f"reply of {int(declared):,} bytes is over the {cap:,}-byte cap")
+        # isascii: "²".isdigit() is True, but int("²") raises.
+        if declared.isascii() and declared.isdigit() and int(declared) > cap:
+            raise HubError(
+                f"reply of {int(declared):,} bytes is over the {cap:,}-byte cap", status=status
+            )
         deadline = time.monotonic() + self.reply_deadline
         read_some = getattr(response.raw, "read1", None)
         chunks: list[bytes] = []
@@ -204,9 +249,13 @@ class HubClient:
                 return b"".join(chunks)
             size += len(chunk)
             if size > cap:
-                raise HubError(f"reply is over the {cap:,}-byte cap; refused while reading")
+                raise HubError(
+                    f"reply is over the {cap:,}-byte cap; refused while reading", status=status
+                )
             if time.monotonic() > deadline:
-                raise HubError(f"reply did not finish within {self.reply_deadline:.0f} s")
+                raise HubError(
+                    f"reply did not finish within {self.reply_deadline:.0f} s", status=status
+                )
             chunks.append(chunk)
 
     def _request(
@@ -220,6 +269,7 @@ class HubClient:
     ) -> _Reply:
         if pacer is not None and not pacer.acquire(self.halt):
             raise Halted
+        received: int | None = None  # the status, once a reply has started to arrive
         try:
             with self.session.request(
                 method,
@@ -232,22 +282,31 @@ class HubClient:
                 stream=True,
                 proxies=self.proxies,
             ) as response:
+                received = response.status_code
                 content = self._read(response, cap)
                 status = response.status_code
                 content_type = response.headers.get("Content-Type", "")
                 retry_after = _retry_after(response.headers.get("Retry-After"))
         # The body is read from urllib3 directly, whose errors requests does not wrap.
         except (requests.RequestException, urllib3.exceptions.HTTPError) as exc:
-            raise HubError(_describe(exc)) from None
+            if isinstance(exc, requests.exceptions.SSLError):
+                raise HubError(tls_failure(exc, self.verify, from_kit=self._ca_from_kit)) from None
+            raise HubError(_describe(exc), status=received) from None
         document: Any = None
         hub_json = False
-        if content and "json" in content_type:
+        if content and "json" in content_type.lower():
             try:
                 document = json.loads(content)
-                hub_json = isinstance(document, dict)
-            except (UnicodeDecodeError, ValueError):
+                hub_json = isinstance(document, dict) and not nested_too_deep(document)
+            except (UnicodeDecodeError, ValueError, RecursionError):  # nested past the stack
                 document = None
-        reply = _Reply(status, document, hub_json, retry_after)
+            if not hub_json:
+                document = None
+        detail = ""
+        if isinstance(document, dict):
+            # Scrubbed before it is cut, so a cut inside an echoed secret leaves no piece of it.
+            detail = self.redactor.scrub(str(document.get("detail", "")))[:DETAIL_CHARS]
+        reply = _Reply(status, document, hub_json, retry_after, detail)
         if hub_json:
             self._note_identity(reply)
         return reply
@@ -257,7 +316,7 @@ class HubClient:
         if not isinstance(document, dict):
             return
         trust_id, trust_name = document.get("trust_id"), document.get("trust_name")
-        if isinstance(trust_id, str) and isinstance(trust_name, str) and self.on_identity:
+        if _is_text(trust_id) and _is_text(trust_name) and self.on_identity:
             self.on_identity(Identity(trust_id, trust_name))
 
     def _raise_for_trouble(self, reply: _Reply, what: str, pacer: Pacer | None) -> None:
@@ -313,10 +372,10 @@ class HubClient:
             raise HubKeyRejected("poll: the hub refused this key (403)")
         if reply.status != 200:
             raise HubError(f"poll: unexpected HTTP {reply.status}", status=reply.status)
-        identity = _identity_of(reply.document, "poll")
+        identity = _identity_of(reply.document, "poll", status=200)
         items = reply.document.get("tasks")
         if not isinstance(items, list):
-            raise HubError("poll: reply has no 'tasks' list")
+            raise HubError("poll: reply has no 'tasks' list", status=200)
         return identity, parse_tasks(items)
 
     def report_result(self, pacer: Pacer | None, task_id: str, body: dict[str, Any]) -> ReportReply:
@@ -353,11 +412,27 @@ def read_refusal(status: int, detail: str) -> ReportReply:
     raise HubError(f"result: unexpected HTTP {status}", status=status)
 
 
-def _identity_of(document: Any, what: str) -> Identity:
+def _identity_of(document: Any, what: str, *, status: int | None = None) -> Identity:
     trust_id, trust_name = document.get("trust_id"), document.get("trust_name")
-    if not isinstance(trust_id, str) or not isinstance(trust_name, str):
-        raise HubError(f"{what}: reply carries no trust_id/trust_name")
+    if not _is_text(trust_id) or not _is_text(trust_name):
+        raise HubError(f"{what}: reply carries no trust_id/trust_name", status=status)
     return Identity(trust_id, trust_name)
+
+
+def _is_text(value: object) -> TypeGuard[str]:
+    """A string that UTF-8 can carry: JSON may hold lone surrogates ("\\ud800"), which no
+    log line, state database or request body can."""
+    if not isinstance(value, str):
+        return False
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _as_text(value: str) -> str:
+    return value if _is_text(value) else value.encode(errors="backslashreplace").decode()
 
 
 def parse_tasks(items: list[Any]) -> list[PendingTask]:
@@ -379,17 +454,24 @@ def parse_tasks(items: list[Any]) -> list[PendingTask]:
         seen.add(task_id)
         task_type = item.get("task_type")
         created_at = item.get("created_at")
+        payload = item.get("payload")
         problem = None
         if not isinstance(task_type, str) or not task_type:
             problem, task_type = "task has no task_type", ""
+        elif not _is_text(task_type):
+            problem = "task_type is not valid text (it holds a lone UTF-16 surrogate)"
+            task_type = _as_text(task_type[:MAX_TASK_TYPE_CHARS])
+        elif len(task_type) > MAX_TASK_TYPE_CHARS:
+            problem = f"task_type is too long to be a task type ({len(task_type):,} characters)"
+            task_type = task_type[:MAX_TASK_TYPE_CHARS]
         elif "payload" not in item:
             problem = "task has no payload"
         tasks.append(
             PendingTask(
                 task_id,
                 task_type,
-                item.get("payload"),
-                created_at if isinstance(created_at, str) else None,
+                _as_text(payload) if isinstance(payload, str) else payload,
+                _as_text(created_at) if isinstance(created_at, str) else None,
                 problem,
             )
         )

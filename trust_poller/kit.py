@@ -62,6 +62,7 @@ class Kit:
     hub_heartbeats_per_minute: float = 30.0
     hub_polls_per_minute: float = 30.0
     hub_results_per_minute: float = 60.0
+    hub_rate_window: float = 60.0
     drain_timeout: float = 30.0
     hub_ca_bundle: Path | None = None
 
@@ -352,6 +353,7 @@ def load_kit(path: Path) -> Kit:
         hub_heartbeats_per_minute=reader.number("HUB_HEARTBEATS_PER_MINUTE", 30.0),
         hub_polls_per_minute=reader.number("HUB_POLLS_PER_MINUTE", 30.0),
         hub_results_per_minute=reader.number("HUB_RESULTS_PER_MINUTE", 60.0),
+        hub_rate_window=reader.number("HUB_RATE_WINDOW_SECONDS", 60.0),
         drain_timeout=reader.number("DRAIN_TIMEOUT_SECONDS", 30.0),
         hub_ca_bundle=reader.ca_bundle(),
     )

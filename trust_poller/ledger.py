@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from trust_poller.errors import StateError
+from trust_poller.errors import EXIT_TEMPORARY, StateError, TrustPollerError
 from trust_poller.outcome import Outcome, failure
 from trust_poller.state_dir import (
     DB_FILE,
@@ -68,8 +68,13 @@ class LedgerEntry:
     note: str | None
 
 
-class StateUnwritable(Exception):
-    """The state cannot be written (disk full, read-only, I/O error); names the directory."""
+class StateUnwritable(TrustPollerError):
+    """The state cannot be written (disk full, read-only, I/O error); names the directory.
+
+    `run` keeps going (claiming stops until it can write); `once` exits 75, try again later.
+    """
+
+    exit_code = EXIT_TEMPORARY
 
 
 class UnknownTask(LookupError):
@@ -199,10 +204,24 @@ class Ledger:
         ledger = cls(state_dir, lock, db)
         try:
             ledger.in_state()  # reads every row once, so damaged ones are quarantined at start
+            ledger._log_recovered()
         except BaseException:
             ledger.close()
             raise
         return ledger
+
+    def _log_recovered(self) -> None:
+        """What an earlier run left, said once at open: before any thread can change it."""
+        counts = self.counts()
+        claimed, started, unsent = counts["claimed"], counts["started"], counts["unsent"]
+        if claimed or started or unsent:
+            log.info(
+                "recovered from %s: %d claimed but not started, %d interrupted, %d results unsent",
+                self.path,
+                claimed,
+                started,
+                unsent,
+            )
 
     def close(self) -> None:
         with self._guard:

@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import sys
+import threading
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import TextIO
@@ -132,6 +133,18 @@ class JsonFormatter(logging.Formatter):
         return line
 
 
+def _log_thread_crash(args: threading.ExceptHookArgs) -> None:
+    """A thread's uncaught exception goes through the redacting handler, not raw to stderr."""
+    if args.exc_type is SystemExit or args.exc_value is None:
+        return
+    name = args.thread.name if args.thread is not None else "?"
+    logging.getLogger("trust_poller").critical(
+        "thread %s stopped on an unexpected error (a bug in trust-poller; please report it)",
+        name,
+        exc_info=(args.exc_type, args.exc_value, args.exc_traceback),
+    )
+
+
 def setup_logging(
     *, verbose: bool = False, log_format: str = "text", stream: TextIO | None = None
 ) -> Redactor:
@@ -166,4 +179,6 @@ def setup_logging(
     root.setLevel(logging.DEBUG if verbose else logging.INFO)
     for name in _QUIET_LOGGERS:
         logging.getLogger(name).setLevel(logging.WARNING)
+    if threading.excepthook is threading.__excepthook__:  # leave a test runner's hook alone
+        threading.excepthook = _log_thread_crash
     return redactor

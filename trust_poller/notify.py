@@ -33,6 +33,7 @@ class SystemdNotifier:
         self._watchdog_usec = watchdog_usec
         self._lock = threading.Lock()
         self._failure_warned = False
+        self._last_status: str | None = None
 
     @classmethod
     def from_environ(cls, environ: Mapping[str, str] | None = None) -> SystemdNotifier:
@@ -61,6 +62,18 @@ class SystemdNotifier:
 
     def stopping(self) -> bool:
         return self.send("STOPPING=1")
+
+    def alive(self, status: str) -> bool:
+        """One turn of the main loop: WATCHDOG=1 when systemd asked for pings, and STATUS=
+        when its text changed (each change is a D-Bus signal), in one datagram."""
+        text = _one_line(status)
+        lines = [] if self._watchdog_usec is None else ["WATCHDOG=1"]
+        if text != self._last_status:
+            lines.append(f"STATUS={text}")
+        if not lines or not self.send(*lines):
+            return False
+        self._last_status = text
+        return True
 
     def extend_timeout(self, seconds: float) -> bool:
         """Ask for `seconds` more before systemd's start/stop timeout kills us."""

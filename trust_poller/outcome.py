@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -52,12 +53,16 @@ def success(document: Any = None) -> Outcome:
 
 
 def _scrub_json(value: Any, redactor: Redactor) -> Any:
+    """Every string scrubbed, keys too; NaN and Infinity, which no JSON body can carry (the
+    post would fail forever), become their str() as the protocol does for cohort values."""
     if isinstance(value, str):
         return redactor.scrub(value)
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
     if isinstance(value, list):
         return [_scrub_json(item, redactor) for item in value]
     if isinstance(value, dict):
-        return {key: _scrub_json(item, redactor) for key, item in value.items()}
+        return {redactor.scrub(key): _scrub_json(item, redactor) for key, item in value.items()}
     return value
 
 

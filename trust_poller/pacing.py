@@ -19,7 +19,9 @@ log = logging.getLogger(__name__)
 
 # Budgets count over a window slightly longer than the hub's minute, so clock skew and
 # network delay between us and the hub can never tip a request over its limit.
-WINDOW_SECONDS = 61.0
+HUB_MINUTE_SECONDS = 60.0
+WINDOW_MARGIN_SECONDS = 1.0
+WINDOW_SECONDS = HUB_MINUTE_SECONDS + WINDOW_MARGIN_SECONDS
 REMIND_EVERY_SECONDS = 600.0
 MAX_BACKOFF_SECONDS = 60.0
 
@@ -28,11 +30,16 @@ class Pacer:
     """A sliding-window budget: at most `per_minute` requests in any window, shared by threads."""
 
     def __init__(
-        self, name: str, per_minute: float, clock: Callable[[], float] = time.monotonic
+        self,
+        name: str,
+        per_minute: float,
+        clock: Callable[[], float] = time.monotonic,
+        *,
+        minute: float = HUB_MINUTE_SECONDS,
     ) -> None:
         self.name = name
         self.limit = max(1, int(per_minute))
-        self.window = WINDOW_SECONDS * self.limit / per_minute
+        self.window = (minute + WINDOW_MARGIN_SECONDS) * self.limit / per_minute
         self._clock = clock
         self._sent: collections.deque[float] = collections.deque()
         self._not_before = 0.0
@@ -45,6 +52,16 @@ class Pacer:
         if len(self._sent) >= self.limit:
             delay = max(delay, self._sent[0] + self.window - now)
         return delay
+
+    @property
+    def spacing(self) -> float:
+        """The steady gap between requests that the budget sustains without ever waiting."""
+        return self.window / self.limit
+
+    def wait_seconds(self) -> float:
+        """How long until a turn is free (0: now), without taking it."""
+        with self._lock:
+            return self._delay(self._clock())
 
     def acquire(self, halt: threading.Event) -> bool:
         """Wait for a turn; take it and return True, or return False when `halt` is set."""
@@ -73,11 +90,16 @@ class HubBudgets:
     """The three per-key budgets the hub enforces, shared by every thread."""
 
     def __init__(
-        self, heartbeats_per_minute: float, polls_per_minute: float, results_per_minute: float
+        self,
+        heartbeats_per_minute: float,
+        polls_per_minute: float,
+        results_per_minute: float,
+        *,
+        minute: float = HUB_MINUTE_SECONDS,
     ) -> None:
-        self.heartbeats = Pacer("heartbeat", heartbeats_per_minute)
-        self.polls = Pacer("poll", polls_per_minute)
-        self.results = Pacer("result", results_per_minute)
+        self.heartbeats = Pacer("heartbeat", heartbeats_per_minute, minute=minute)
+        self.polls = Pacer("poll", polls_per_minute, minute=minute)
+        self.results = Pacer("result", results_per_minute, minute=minute)
 
 
 class Backoff:
@@ -101,12 +123,15 @@ class ProblemLog:
     """Logs a problem when it starts, reminds at most every 10 minutes, and logs its end.
 
     One instance per kind of trouble (e.g. "hub"), shared by every thread that meets it,
-    so a 5-minute outage costs two lines, not one per failed request.
+    so a 5-minute outage costs two lines, not one per failed request. Each thread reports
+    on its own `channel`: the problem ends when every channel that failed has succeeded
+    again, so working heartbeats do not hide result posts that still fail.
     """
 
     def __init__(self, subject: str, clock: Callable[[], float] = time.monotonic) -> None:
         self.subject = subject
         self._clock = clock
+        self._failing: set[str] = set()
         self._since: float | None = None
         self._since_wall = 0.0
         self._reminded = 0.0
@@ -116,9 +141,10 @@ class ProblemLog:
     def failing(self) -> bool:
         return self._since is not None
 
-    def failed(self, reason: str, level: int = logging.WARNING) -> None:
+    def failed(self, reason: str, level: int = logging.WARNING, channel: str = "") -> None:
         with self._lock:
             now = self._clock()
+            self._failing.add(channel)
             if self._since is None:
                 self._since, self._since_wall, self._reminded = now, time.time(), now
                 log.log(
@@ -137,9 +163,12 @@ class ProblemLog:
             else:
                 log.debug("%s: %s", self.subject, reason)
 
-    def recovered(self, message: str) -> None:
+    def recovered(self, message: str, channel: str = "") -> None:
         with self._lock:
-            if self._since is None:
+            if self._since is None or channel not in self._failing:
+                return
+            self._failing.discard(channel)
+            if self._failing:
                 return
             lasted = self._clock() - self._since
             self._since = None
@@ -147,7 +176,10 @@ class ProblemLog:
 
 
 class HubTrouble:
-    """The hub's condition as every thread sees it, logged once per problem, not per request."""
+    """The hub's condition as every thread sees it, logged once per problem, not per request.
+
+    `channel` names the caller ("heartbeat", "poll"; the rest share "other").
+    """
 
     def __init__(self) -> None:
         self.unreachable = ProblemLog("hub unreachable")
@@ -155,21 +187,26 @@ class HubTrouble:
         self.rate_limited = ProblemLog("hub rate-limits this key")
 
     def failed(
-        self, reason: str, *, key_rejected: bool = False, rate_limited: bool = False
+        self,
+        reason: str,
+        *,
+        key_rejected: bool = False,
+        rate_limited: bool = False,
+        channel: str = "other",
     ) -> None:
         if key_rejected:
             self.key_rejected.failed(
-                f"{reason} — the kit's TRUST_API_KEY is the likely cause", logging.ERROR
+                f"{reason} — the kit's TRUST_API_KEY is the likely cause", logging.ERROR, channel
             )
         elif rate_limited:
-            self.rate_limited.failed(reason)
+            self.rate_limited.failed(reason, logging.WARNING, channel)
         else:
-            self.unreachable.failed(reason)
+            self.unreachable.failed(reason, logging.WARNING, channel)
 
-    def succeeded(self) -> None:
-        self.unreachable.recovered("hub reachable again")
-        self.key_rejected.recovered("hub accepts this kit's API key again")
-        self.rate_limited.recovered("hub no longer rate-limits this key")
+    def succeeded(self, channel: str = "other") -> None:
+        self.unreachable.recovered("hub reachable again", channel)
+        self.key_rejected.recovered("hub accepts this kit's API key again", channel)
+        self.rate_limited.recovered("hub no longer rate-limits this key", channel)
 
     @property
     def state(self) -> str:

@@ -19,6 +19,26 @@ class InvalidPayload(ValueError):
     """A payload field is missing or has the wrong type or form."""
 
 
+# Real hub and service documents nest a handful of levels. Much deeper ones are refused where
+# they are read, before any recursive code (str(), json.dumps, scrubbing) meets its limit.
+MAX_JSON_DEPTH = 64
+
+
+def nested_too_deep(document: object, limit: int = MAX_JSON_DEPTH) -> bool:
+    """True when a parsed JSON document nests lists/objects more than `limit` levels deep."""
+    level = [document]
+    for _ in range(limit):
+        level = [
+            child
+            for node in level
+            if isinstance(node, dict | list)
+            for child in (node.values() if isinstance(node, dict) else node)
+        ]
+        if not level:
+            return False
+    return any(isinstance(node, dict | list) for node in level)
+
+
 def describe(value: object) -> str:
     """A JSON-flavoured name of a value's type, for error texts (never the value itself)."""
     if value is _MISSING:

@@ -12,8 +12,9 @@ import threading
 import time
 from dataclasses import dataclass
 
+from trust_poller import crypto
 from trust_poller.dispatch import StateWriter, TaskRecord, TaskRunner, envelope_text
-from trust_poller.errors import EXIT_OK, IdentityMismatch
+from trust_poller.errors import EXIT_OK, IdentityMismatch, PayloadRejected, StateError
 from trust_poller.health import HealthCollector
 from trust_poller.heartbeat import Heartbeat
 from trust_poller.hub import (
@@ -28,7 +29,7 @@ from trust_poller.identity import IdentityGuard
 from trust_poller.kit import Kit
 from trust_poller.ledger import ClaimedTask, Ledger, LedgerEntry, StateUnwritable, TaskState
 from trust_poller.notify import SystemdNotifier
-from trust_poller.outcome import failure
+from trust_poller.outcome import bounded, failure
 from trust_poller.pacing import Backoff, HubBudgets, HubTrouble
 from trust_poller.redact import Redactor
 from trust_poller.reporter import Reporter
@@ -39,6 +40,8 @@ log = logging.getLogger(__name__)
 MAX_INTERRUPTIONS = 3
 PRUNE_EVERY_SECONDS = 3600.0
 MAX_TICK_SECONDS = 5.0
+# The longest a wait on something other than the stop signal lasts before checking it.
+STOP_CHECK_SECONDS = 0.5
 FINAL_REPORT_SECONDS = 10.0
 
 
@@ -65,7 +68,10 @@ class Daemon:
         self.halt = threading.Event()
         self.draining = threading.Event()
         self.budgets = HubBudgets(
-            kit.hub_heartbeats_per_minute, kit.hub_polls_per_minute, kit.hub_results_per_minute
+            kit.hub_heartbeats_per_minute,
+            kit.hub_polls_per_minute,
+            kit.hub_results_per_minute,
+            minute=kit.hub_rate_window,
         )
         self.trouble = HubTrouble()
         self.guard = IdentityGuard(
@@ -98,18 +104,13 @@ class Daemon:
     # -- the claim side ------------------------------------------------------------------
 
     def recover(self) -> None:
-        """Start-up: run what was claimed, re-run what was interrupted (unless unsafe)."""
+        """Start-up: run what was claimed, re-run what was interrupted (unless unsafe).
+
+        What was found is logged by Ledger.open, before the outbox sender can change it.
+        """
         claimed = self.ledger.in_state(TaskState.CLAIMED)
         started = self.ledger.in_state(TaskState.STARTED)
         unsent = self.ledger.unsent()
-        if claimed or started or unsent:
-            log.info(
-                "recovered from %s: %d claimed but not started, %d interrupted, %d results unsent",
-                self.ledger.path,
-                len(claimed),
-                len(started),
-                len(unsent),
-            )
         for entry in claimed:
             self.pool.submit(self.runner.job(entry.id, entry.task_type, entry.envelope))
         for entry in started:
@@ -118,7 +119,10 @@ class Daemon:
             self.reporter.wake()
 
     def _resume_interrupted(self, entry: LedgerEntry) -> None:
-        interruptions = self.ledger.note_interrupted(entry.id)
+        counted: list[int] = []
+        if not self.writer.write(lambda: counted.append(self.ledger.note_interrupted(entry.id))):
+            return
+        interruptions = counted[0]
         if interruptions >= MAX_INTERRUPTIONS:
             log.error(
                 "task %s (%s) was interrupted %d times; failing it as poison",
@@ -140,16 +144,7 @@ class Daemon:
                 "create_imaging task %s was interrupted; reporting it failed, not re-running",
                 entry.id,
             )
-            self.runner.finish(
-                entry.id,
-                entry.task_type,
-                failure(
-                    "create_imaging was interrupted while running (trust-poller stopped or "
-                    "crashed); the imaging project may be partly created and users may have "
-                    "been e-mailed — check the project in XNAT / imaging-api before creating "
-                    "it again"
-                ),
-            )
+            self.runner.finish(entry.id, entry.task_type, failure(self._interrupted_create(entry)))
         else:
             log.warning(
                 "task %s (%s) was interrupted; running it again (it is safe to repeat)",
@@ -158,9 +153,36 @@ class Daemon:
             )
             self.pool.submit(self.runner.job(entry.id, entry.task_type, entry.envelope))
 
+    def _interrupted_create(self, entry: LedgerEntry) -> str:
+        """The operator-facing reason for an interrupted create_imaging, naming the project."""
+        project = "the project"
+        try:
+            payload = crypto.open_task_payload(self.kit.aes_key, entry.task_type, entry.envelope)
+        except PayloadRejected:
+            payload = {}
+        name, project_id = payload.get("project_name"), payload.get("project_id")
+        if isinstance(name, str) and isinstance(project_id, str):
+            project = f"project {bounded(name, 200)!r} (hub project {bounded(project_id, 80)})"
+        return (
+            "create_imaging was interrupted while running (trust-poller stopped or crashed) "
+            f"and was not run again: {project} may be partly created in XNAT and its users "
+            "may have been e-mailed their credentials — check XNAT / imaging-api for it "
+            "before creating it again"
+        )
+
     def claim(self, client: HubClient) -> int:
         """One poll: record every task durably, then queue the new ones. Returns the count."""
-        _identity, tasks = client.pending_tasks(self.budgets.polls)
+        try:
+            _identity, tasks = client.pending_tasks(self.budgets.polls)
+        except HubError as exc:
+            if exc.reply_unusable:
+                log.error(
+                    "poll refused: %s; the hub marked the tasks in that reply IN_PROGRESS "
+                    "before sending it, so they stay claimed on the hub until its 30-minute "
+                    "re-queue and are delivered again after that",
+                    exc.reason,
+                )
+            raise
         if not tasks:
             return 0
         claimed = [ClaimedTask(t.id, t.task_type, _envelope(t), t.created_at) for t in tasks]
@@ -173,7 +195,7 @@ class Daemon:
                 exc,
                 len(tasks),
             )
-            return 0
+            raise
         for task in tasks:
             self._take(task, known.get(task.id))
         return len(tasks)
@@ -197,27 +219,38 @@ class Daemon:
     # -- status and waiting ----------------------------------------------------------------
 
     def status_line(self) -> str:
+        """What `systemctl status` shows: one line, problems first, read at a glance."""
         last = self.heartbeat.last_success
+        hub = self.trouble.state
+        if last is None and hub == "ok":
+            hub = "not reached yet"
         age = f"{time.monotonic() - last:.0f}s ago" if last is not None else "none yet"
-        counts = self.ledger.counts()
-        parts = [
-            f"hub {self.trouble.state}",
-            f"last heartbeat {age}",
-            f"{self.pool.running} running, {self.pool.waiting} queued",
-            f"{counts.get('unsent', 0)} results waiting",
-        ]
+        try:
+            waiting = str(self.ledger.counts().get("unsent", 0))
+        except (StateUnwritable, StateError, RuntimeError):
+            waiting = "unknown"  # the status line must never stop the loop that sends it
+        parts = []
         if self.heartbeat.key_match is False:
-            parts.append("STALE KIT: claiming paused")
+            parts.append("STALE KIT (hub's AES key differs): claiming paused")
         if self.writer.trouble.failing:
             parts.append("STATE UNWRITABLE: claiming paused")
         if self.draining.is_set():
             parts.append("draining")
+        parts += [
+            f"hub {hub}",
+            f"last heartbeat {age}",
+            f"{self.pool.running} running, {self.pool.waiting} queued",
+            f"{waiting} results waiting",
+        ]
         return "; ".join(parts)
 
     def _turn(self) -> None:
-        """Once per turn of the main loop: prove liveness and say how things are."""
-        self.notifier.watchdog()
-        self.notifier.status(self.status_line())
+        """Once per turn of the main loop: prove liveness and say how things are.
+
+        WATCHDOG=1 only comes from here, so a wedged loop stops it (and systemd restarts
+        us) while a hub outage does not: the loop keeps turning through one.
+        """
+        self.notifier.alive(self.status_line())
 
     def _pause(self, seconds: float, until: threading.Event) -> None:
         deadline = time.monotonic() + seconds
@@ -262,13 +295,21 @@ class Daemon:
             raise self.guard.fatal
 
     def _claim_loop(self, client: HubClient) -> None:
-        backoff = Backoff(self.kit.poll_interval)
+        """Poll whenever a claim would start at once, never faster than the hub allows.
+
+        Idle polls keep one rhythm with the heartbeats (an idle cycle costs two requests);
+        after a poll that returned tasks the next comes as soon as they have all started;
+        failures back off. Every wait here ends within STOP_CHECK_SECONDS of a signal.
+        """
+        interval = self.kit.poll_interval
+        backoff = Backoff(interval)
         recovered = False
         last_prune = float("-inf")
+        next_poll = time.monotonic()
         while not self.draining.is_set() and not self.halt.is_set():
             self._turn()
             if not self.guard.verified.is_set():
-                self.guard.verified.wait(self.tick)
+                self.guard.verified.wait(STOP_CHECK_SECONDS)
                 continue
             if not recovered:
                 self.recover()
@@ -276,12 +317,18 @@ class Daemon:
             if time.monotonic() - last_prune > PRUNE_EVERY_SECONDS:
                 last_prune = time.monotonic()
                 self._prune()
-            if not self.heartbeat.claiming_allowed or not self.pool.wait_all_started(self.tick):
-                self._pause(
-                    self.kit.poll_interval if not self.heartbeat.claiming_allowed else 0,
-                    self.draining,
-                )
+            if not self.heartbeat.claiming_allowed:
+                self._pause(interval, self.draining)
                 continue
+            # The hub hands out up to 50 tasks and cannot be asked for fewer: claim only when
+            # they would start at once, so none waits here while the hub's re-queue clock runs.
+            if not self.pool.wait_claimable(STOP_CHECK_SECONDS):
+                continue
+            wait = max(next_poll - time.monotonic(), self.budgets.polls.wait_seconds())
+            if wait > 0:
+                self._pause(wait, self.draining)
+                continue
+            started = time.monotonic()
             try:
                 self.ledger.check_writable()
                 claimed = self.claim(client)
@@ -289,27 +336,31 @@ class Daemon:
                 self.writer.trouble.failed(
                     f"{exc}; claiming is stopped until it can", logging.ERROR
                 )
-                self._pause(self.kit.poll_interval, self.draining)
+                next_poll = time.monotonic() + interval
                 continue
             except (Halted, IdentityMismatch):
                 return
             except HubKeyRejected as exc:
-                self.trouble.failed(str(exc), key_rejected=True)
-                self._pause(backoff.next_delay(), self.draining)
+                self.trouble.failed(str(exc), key_rejected=True, channel="poll")
+                next_poll = time.monotonic() + backoff.next_delay()
                 continue
             except HubRateLimited as exc:
-                self.trouble.failed(exc.reason, rate_limited=True)
-                self._pause(backoff.next_delay(), self.draining)
+                self.trouble.failed(exc.reason, rate_limited=True, channel="poll")
+                next_poll = time.monotonic() + backoff.next_delay()
                 continue
             except HubError as exc:
-                self.trouble.failed(f"poll: {exc.reason}")
-                self._pause(backoff.next_delay(), self.draining)
+                self.trouble.failed(f"poll: {exc.reason}", channel="poll")
+                next_poll = time.monotonic() + backoff.next_delay()
                 continue
             self.writer.trouble.recovered("state directory writable again")
-            self.trouble.succeeded()
+            self.trouble.succeeded("poll")
             backoff.reset()
-            if not claimed:
-                self._pause(self.kit.poll_interval, self.draining)
+            if claimed:
+                next_poll = time.monotonic()  # again as soon as every claimed task has started
+            elif next_poll + interval > started:
+                next_poll += interval  # on schedule: keep the rhythm, no drift
+            else:
+                next_poll = started + interval
 
     def _prune(self) -> None:
         try:
@@ -333,7 +384,10 @@ class Daemon:
         )
         self.notifier.extend_timeout(self.kit.drain_timeout + FINAL_REPORT_SECONDS + 5)
         deadline = time.monotonic() + self.kit.drain_timeout
-        while not self.pool.wait_running_done(self.tick) and not self.halt.is_set():
+        while not self.halt.is_set():
+            left_to_wait = max(0.0, deadline - time.monotonic())
+            if self.pool.wait_running_done(min(self.tick, left_to_wait)):
+                break
             self._turn()
             if time.monotonic() >= deadline:
                 log.warning(
@@ -361,17 +415,29 @@ class Daemon:
         client = HubClient(self.kit, self.halt, on_identity=self.guard.check)
         try:
             self.heartbeat.beat(client)
+            self.ledger.check_writable()  # before anything starts: a task must never be cut off
+            outbox = self.ledger.in_state(TaskState.FINISHED)
             self.pool.start()
             self.recover()
             self.reporter.send_pending(client)
+            poll_failed: HubError | HubKeyRejected | None = None
             if self.heartbeat.claiming_allowed:
-                self.ledger.check_writable()
-                self.claim(client)
+                try:
+                    self.claim(client)
+                except (HubError, HubKeyRejected) as exc:
+                    poll_failed = exc  # raised once what already runs has finished and is kept
             else:
                 log.warning("not claiming: the kit's AES key differs from the hub's")
             self.pool.wait_idle(None)
             self.reporter.send_pending(client)
-            records = list(self.runner.records.values())
+            if poll_failed is not None:
+                raise poll_failed
+            resent = [
+                TaskRecord(entry.id, entry.task_type, entry.outcome)
+                for entry in outbox
+                if entry.id not in self.runner.records
+            ]
+            records = resent + list(self.runner.records.values())
             unsent = self.ledger.in_state(TaskState.FINISHED)
             return OnceSummary(records, unsent)
         finally:

@@ -20,6 +20,7 @@ from tenacity import (
     wait_exponential_jitter,
 )
 from tenacity.nap import sleep_using_event
+from tenacity.wait import wait_base
 
 from trust_poller.dispatch import StateWriter
 from trust_poller.errors import IdentityMismatch
@@ -34,7 +35,7 @@ from trust_poller.hub import (
 )
 from trust_poller.identity import IdentityGuard
 from trust_poller.kit import Kit
-from trust_poller.ledger import Ledger, LedgerEntry
+from trust_poller.ledger import Ledger, LedgerEntry, TaskState
 from trust_poller.outcome import Outcome, bounded, failure, prepare_for_hub
 from trust_poller.pacing import Backoff, HubBudgets, HubTrouble
 from trust_poller.redact import Redactor
@@ -78,6 +79,8 @@ class Reporter:
         self.redactor = redactor
         self.halt = halt
         self.wakeup = threading.Event()
+        # Between the attempts of one send; tests replace it to run without real waits.
+        self.retry_wait: wait_base = wait_exponential_jitter(max=10, jitter=1)
 
     def wake(self, _task_id: str = "") -> None:
         self.wakeup.set()
@@ -87,7 +90,7 @@ class Reporter:
         for attempt in Retrying(
             retry=retry_if_exception_type(HubError),
             stop=stop_after_attempt(3) | stop_after_delay(30) | stop_when_event_set(self.halt),
-            wait=wait_exponential_jitter(max=10, jitter=1),
+            wait=self.retry_wait,
             sleep=sleep_using_event(self.halt),
             reraise=True,
         ):
@@ -143,6 +146,7 @@ class Reporter:
         elif (outcome.result or "").find(REFUSED_MARKER) >= 0:
             log.error("task %s: the hub refused even the short failure result; retired", entry.id)
             self.writer.write(lambda: self.ledger.mark_retired(entry.id, reply.detail))
+            return Answer.RETIRED
         else:
             log.error(
                 "task %s: the hub refused its result (%s); sending a short failure",
@@ -164,7 +168,7 @@ class Reporter:
             try:
                 while self.settle(client, entry) is Answer.BODY_REFUSED:
                     refreshed = self.ledger.get(entry.id)
-                    if refreshed is None:
+                    if refreshed is None or refreshed.state is not TaskState.FINISHED:
                         break
                     entry = refreshed
             except HubKeyRejected as exc:

@@ -19,6 +19,7 @@ from typing import Any
 import requests
 
 from trust_poller.kit import Kit
+from trust_poller.payloads import MAX_JSON_DEPTH, nested_too_deep
 from trust_poller.redact import Redactor
 
 log = logging.getLogger(__name__)
@@ -71,12 +72,23 @@ class ServiceReply:
     def json(self) -> Any:
         """The body as JSON; a body that is not JSON is a failure of the call."""
         try:
-            return jsonlib.loads(self.body)
+            document = jsonlib.loads(self.body)
         except ValueError:
             what = "an empty body" if not self.body.strip() else "a body that is not JSON"
             raise ServiceError(
                 f"{self.service} answered {self.status} with {what}, JSON was expected"
             ) from None
+        except RecursionError:
+            document = None
+            deep = True
+        else:
+            deep = nested_too_deep(document)
+        if deep:
+            raise ServiceError(
+                f"{self.service} answered {self.status} with JSON nested more than "
+                f"{MAX_JSON_DEPTH} levels deep"
+            )
+        return document
 
 
 def _excerpt(text: str, limit: int = DETAIL_CHARS) -> str:
@@ -91,7 +103,7 @@ def _upstream_detail(body: bytes) -> str:
     text = body.decode("utf-8", errors="replace")
     try:
         document = jsonlib.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):
         return _excerpt(text)
     if isinstance(document, dict) and document.get("detail") is not None:
         return _excerpt(str(document["detail"]))
@@ -218,7 +230,10 @@ class ServiceClient:
                     )
                 if status >= 400:
                     excerpt = self._read_body(response, service, deadline, read, truncate=True)
-                    detail = _upstream_detail(excerpt) or response.reason or "no detail"
+                    # Scrubbed before it is cut to an excerpt too: a cut inside an echoed
+                    # secret would leave a piece of it that no later scrub recognises.
+                    text = self._redactor.scrub(excerpt.decode("utf-8", errors="replace"))
+                    detail = _upstream_detail(text.encode()) or response.reason or "no detail"
                     detail = self._redactor.scrub(detail)
                     raise ServiceError(
                         f"{service} answered {status}: {detail}", status, detail=detail
@@ -255,7 +270,8 @@ class ServiceClient:
         limit = ERROR_BODY_BYTES if truncate else self._max_bytes
         too_large = ServiceError(f"{service} response too large (over {limit:,} bytes)")
         declared = response.headers.get("Content-Length", "")
-        if not truncate and declared.isdigit() and int(declared) > limit:
+        # isascii: "²".isdigit() is True, but int("²") raises.
+        if not truncate and declared.isascii() and declared.isdigit() and int(declared) > limit:
             raise too_large
         chunks: list[bytes] = []
         received = 0

@@ -64,6 +64,13 @@ class TaskPool:
         with self._condition:
             return self._condition.wait_for(lambda: not self._queue, timeout)
 
+    def wait_claimable(self, timeout: float) -> bool:
+        """True once no task waits and a worker is free: a claim now would start at once."""
+        with self._condition:
+            return self._condition.wait_for(
+                lambda: not self._queue and len(self._running) < self.size, timeout
+            )
+
     def wait_idle(self, timeout: float | None) -> bool:
         with self._condition:
             return self._condition.wait_for(lambda: not self._queue and not self._running, timeout)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import socket
+import ssl
 import struct
 import threading
 import time
@@ -89,10 +90,12 @@ class LoopbackServer:
     """Base of the playground servers: subclasses implement `respond`.
 
     Each request goes through `handle`: the `override` hook, then any outage, then `respond`.
-    A `None` reply drops the connection without replying (a TCP reset).
+    A `None` reply drops the connection without replying (a TCP reset). With `tls`, it
+    serves HTTPS with that server context instead of plain HTTP.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, tls: ssl.SSLContext | None = None) -> None:
+        self.tls = tls
         self._lock = threading.RLock()
         self._changed = threading.Condition(self._lock)
         self._stopping = threading.Event()
@@ -207,7 +210,7 @@ class LoopbackServer:
 
     @property
     def base_url(self) -> str:
-        return f"http://{HOST}:{self.port}"
+        return f"{'https' if self.tls else 'http'}://{HOST}:{self.port}"
 
     # --- recording -------------------------------------------------------------------
 
@@ -270,6 +273,17 @@ class _Server(ThreadingHTTPServer):
     def __init__(self, owner: LoopbackServer) -> None:
         self.owner = owner
         super().__init__((HOST, 0), _Handler)
+
+    def get_request(self) -> tuple[socket.socket, Any]:
+        connection, address = super().get_request()
+        if self.owner.tls is None:
+            return connection, address
+        # The handshake happens on the handler thread's first read, so a client that
+        # refuses our certificate never stalls the accepting thread.
+        wrapped = self.owner.tls.wrap_socket(
+            connection, server_side=True, do_handshake_on_connect=False
+        )
+        return wrapped, address
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         # A client that went away mid-request is normal here; keep test output clean.

@@ -180,19 +180,21 @@ def _cohort_field_problems(field: object, location: Location) -> list[Problem]:
 
 
 class SlidingWindow:
-    """At most `per_minute` admissions in any 60 s; refused attempts do not count."""
+    """At most `per_minute` admissions in any `window` seconds (the hub's minute, shorter only
+    for fast tests); refused attempts do not count."""
 
-    def __init__(self, per_minute: float) -> None:
+    def __init__(self, per_minute: float, window: float = WINDOW_SECONDS) -> None:
         if not per_minute > 0:
             raise ValueError("a rate limit must be above 0 per minute")
         self.per_minute = per_minute
+        self.window = window
         self._admitted: deque[float] = deque()
 
     def admit(self, now: float) -> float | None:
         """None when admitted, else the seconds until the oldest admission leaves the window."""
-        while self._admitted and self._admitted[0] <= now - WINDOW_SECONDS:
+        while self._admitted and self._admitted[0] <= now - self.window:
             self._admitted.popleft()
         if len(self._admitted) >= self.per_minute:
-            return self._admitted[0] + WINDOW_SECONDS - now
+            return self._admitted[0] + self.window - now
         self._admitted.append(now)
         return None

@@ -13,6 +13,7 @@ import math
 import os
 import re
 import secrets
+import ssl
 import threading
 import time
 import uuid
@@ -67,10 +68,12 @@ class LoopbackHub(LoopbackServer):
         heartbeats_per_minute: float | None = None,
         polls_per_minute: float | None = None,
         results_per_minute: float | None = None,
+        rate_window: float = hub_rules.WINDOW_SECONDS,
         max_tasks_per_poll: int = 50,
         requeue_after: float | None = None,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
-        super().__init__()
+        super().__init__(tls=tls)
         self.api_key = api_key if api_key is not None else secrets.token_urlsafe(32)
         self.api_key_header = api_key_header
         self.aes_key = aes_key if aes_key is not None else os.urandom(crypto.KEY_BYTES)
@@ -91,7 +94,7 @@ class LoopbackHub(LoopbackServer):
             RESULT: results_per_minute,
         }
         self._limits = {
-            name: hub_rules.SlidingWindow(per_minute)
+            name: hub_rules.SlidingWindow(per_minute, rate_window)
             for name, per_minute in limits.items()
             if per_minute is not None
         }
