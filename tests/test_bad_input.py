@@ -787,7 +787,7 @@ def test_failure_reasons_sent_to_the_hub_are_capped_keep_the_status_and_carry_no
     assert len(cohort_report) <= 500
     create_error = error_of(hub, create)["error"]
     assert MAX_ERROR_CHARS - 20 < len(create_error) <= MAX_ERROR_CHARS
-    assert create_error.endswith("(truncated)")
+    assert create_error.endswith("[truncated]")
     assert "status_code" not in error_of(hub, create)  # a timeout has no upstream status
     sent = json.dumps([r.json() for r in hub.requests_log if r.method == "POST" and r.body])
     assert MASK in sent

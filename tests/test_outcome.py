@@ -74,7 +74,7 @@ def test_failure_keeps_its_cohort_post() -> None:
 def test_failure_error_is_bounded() -> None:
     document = result_document(failure("x" * (MAX_ERROR_CHARS * 3)))
     assert len(document["error"]) <= MAX_ERROR_CHARS
-    assert document["error"].endswith("(truncated)")
+    assert document["error"].endswith("[truncated]")
 
 
 def test_success_without_document_sends_null_result() -> None:
@@ -108,8 +108,8 @@ def test_bounded_cuts_longer_text_to_the_limit_and_says_so(length: int) -> None:
     text = "".join(str(i % 10) for i in range(length))
     cut = bounded(text)
     assert len(cut) <= MAX_ERROR_CHARS
-    assert cut.endswith(" … (truncated)")
-    kept = cut.removesuffix(" … (truncated)")
+    assert cut.endswith(" [truncated]")
+    kept = cut.removesuffix(" [truncated]")
     assert text.startswith(kept)
     assert len(kept) >= MAX_ERROR_CHARS - 20
 
@@ -118,7 +118,7 @@ def test_bounded_honours_a_custom_limit() -> None:
     cut = bounded("a" * 100, limit=40)
     assert len(cut) <= 40
     assert cut.startswith("a" * 20)
-    assert cut.endswith("(truncated)")
+    assert cut.endswith("[truncated]")
 
 
 # --- prepare_for_hub -------------------------------------------------------------------------

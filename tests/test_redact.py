@@ -178,3 +178,21 @@ def test_long_dotted_run_is_scrubbed_in_linear_time() -> None:
     started = time.monotonic()
     assert Redactor([SECRET]).scrub(text) == text
     assert time.monotonic() - started < 5
+
+
+def test_a_secret_cut_by_bounded_before_scrubbing_leaves_no_fragment() -> None:
+    from trust_poller.outcome import bounded
+
+    secret = "cutsecret-" + "Q" * 30
+    text = bounded("x" * 1975 + secret, limit=2000)
+    assert "cutsecret-QQQ" in text  # the cut kept only the secret's start
+
+    scrubbed = Redactor([secret]).scrub(text)
+
+    assert "cutsecret" not in scrubbed
+    assert scrubbed.endswith("[REDACTED] [truncated]")
+
+
+def test_text_before_a_cut_mark_that_is_no_secret_is_kept() -> None:
+    scrubbed = Redactor(["completely-different-secret"]).scrub("plain words [truncated]")
+    assert scrubbed == "plain words [truncated]"

@@ -7,7 +7,7 @@ import math
 from dataclasses import dataclass, replace
 from typing import Any
 
-from trust_poller.redact import Redactor
+from trust_poller.redact import TRUNCATED, Redactor
 
 # The hub refuses results longer than this many characters (422, final for that body).
 MAX_RESULT_CHARS = 10_000_000
@@ -34,7 +34,7 @@ class Outcome:
 def bounded(text: str, limit: int = MAX_ERROR_CHARS) -> str:
     if len(text) <= limit:
         return text
-    return text[: limit - 15] + " … (truncated)"
+    return text[: limit - len(TRUNCATED)] + TRUNCATED
 
 
 def failure(

@@ -12,6 +12,8 @@ from collections.abc import Iterable
 from urllib.parse import quote, quote_plus
 
 MASK = "[REDACTED]"
+# What `outcome.bounded` appends where it cut a text; a secret cut there is masked too.
+TRUNCATED = " [truncated]"
 # Userinfo runs to the last "@" before the path, so "://:pass@" and "user:p@ss@" are covered; a
 # quote ends it so JSON like {"u":"https://h","e":"a@b"} is left intact. The scheme length is
 # capped so a long run like "a.a.a.…" cannot make the search quadratic.
@@ -46,8 +48,30 @@ class Redactor:
 
     def scrub(self, text: str) -> str:
         if self._pattern is not None:
-            text = self._mask_secrets(text, self._pattern)
+            text = self._mask_cut_secrets(self._mask_secrets(text, self._pattern))
         return _URL_CREDENTIALS.sub(rf"\1{MASK}@", text)
+
+    def _mask_cut_secrets(self, text: str) -> str:
+        """A text cut (before it was scrubbed) in the middle of a secret keeps only the
+        secret's start, just before the cut mark: mask that start too."""
+        if TRUNCATED not in text:
+            return text
+        pieces: list[str] = []
+        kept_from = 0
+        for mark in re.finditer(re.escape(TRUNCATED), text):
+            cut_at = mark.start()
+            longest = 0
+            for form in self._forms:
+                for length in range(min(len(form) - 1, cut_at - kept_from), 3, -1):
+                    if text[cut_at - length : cut_at] == form[:length]:
+                        longest = max(longest, length)
+                        break
+            pieces.append(text[kept_from : cut_at - longest])
+            if longest:
+                pieces.append(MASK)
+            kept_from = cut_at
+        pieces.append(text[kept_from:])
+        return "".join(pieces)
 
     @staticmethod
     def _mask_secrets(text: str, pattern: re.Pattern[str]) -> str:
