@@ -34,6 +34,7 @@ from trust_poller.hub import (
 )
 from trust_poller.kit import Kit
 from trust_poller.pacing import Pacer
+from trust_poller.playground.fake_clock import ClockHalt, FakeClock
 
 HUB = "https://hub.test/api"
 HUB_KEY = "hub-canary-aGVsbG8td29ybGQtc2VjcmV0LWtleQ"
@@ -94,29 +95,6 @@ def client(seen: Seen) -> Iterator[HubClient]:
     hub_client = HubClient(make_kit(), threading.Event(), on_identity=seen)
     yield hub_client
     hub_client.close()
-
-
-class FakeClock:
-    def __init__(self, now: float = 1000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-
-class ClockHalt(threading.Event):
-    """A halt event whose waits pass on the fake clock instead of in real time."""
-
-    def __init__(self, clock: FakeClock) -> None:
-        super().__init__()
-        self.clock = clock
-        self.waits: list[float] = []
-
-    def wait(self, timeout: float | None = None) -> bool:
-        assert timeout is not None
-        self.waits.append(timeout)
-        self.clock.now += timeout
-        return self.is_set()
 
 
 def _error(status: int, detail: str) -> dict[str, Any]:

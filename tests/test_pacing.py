@@ -17,29 +17,7 @@ from trust_poller.pacing import (
     Pacer,
     ProblemLog,
 )
-
-
-class FakeClock:
-    def __init__(self, now: float = 1000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-
-class ClockHalt(threading.Event):
-    """A halt event whose waits pass on the fake clock instead of in real time."""
-
-    def __init__(self, clock: FakeClock) -> None:
-        super().__init__()
-        self.clock = clock
-        self.waits: list[float] = []
-
-    def wait(self, timeout: float | None = None) -> bool:
-        assert timeout is not None
-        self.waits.append(timeout)
-        self.clock.now += timeout
-        return self.is_set()
+from trust_poller.playground.fake_clock import ClockHalt, FakeClock
 
 
 def _grants(pacer: Pacer, halt: ClockHalt, count: int) -> list[float]:
