@@ -278,7 +278,7 @@ def test_an_outage_of_many_cycles_logs_two_lines_and_heartbeats_keep_their_inter
 
     beats = attempts(hub, HEARTBEAT, since=began, until=ended)
     assert len(beats) >= 3.0 / 0.2 - 2, "heartbeats are the probe: they keep the interval"
-    assert max(gaps(beats)) <= 0.2 + 0.3
+    assert max(gaps(beats)) <= 0.2 + 0.5
     polls = attempts(hub, POLL, since=began, until=ended)
     assert len(polls) <= 6, "failed polls back off"
     loud = [line for line in daemon.log.splitlines() if LOUD.match(line)]

@@ -99,6 +99,8 @@ class TaskRunner:
         self.redactor = redactor
         self.writer = writer
         self.on_finished = on_finished
+        # Only `once` prints a summary; a long-running daemon keeps no per-task records.
+        self.keep_records = False
         self.records: dict[str, TaskRecord] = {}
         self._local = threading.local()
         self._clients: list[ServiceClient] = []
@@ -127,7 +129,8 @@ class TaskRunner:
         except PayloadRejected as reason:
             rejection = failure(str(reason))
         keys = ordering_keys(task_type, payload) if payload is not None else ()
-        self.records[task_id] = TaskRecord(task_id, task_type)
+        if self.keep_records:
+            self.records[task_id] = TaskRecord(task_id, task_type)
         return Job(
             task_id,
             task_type,
@@ -157,8 +160,9 @@ class TaskRunner:
     def finish(self, task_id: str, task_type: str, outcome: Outcome, seconds: float = 0.0) -> None:
         """Record the outcome durably, then let the reporter send it."""
         outcome = prepare_for_hub(outcome, self.redactor)
-        record = self.records.setdefault(task_id, TaskRecord(task_id, task_type))
-        record.outcome, record.seconds = outcome, seconds
+        if self.keep_records:
+            record = self.records.setdefault(task_id, TaskRecord(task_id, task_type))
+            record.outcome, record.seconds = outcome, seconds
         if self.writer.write(lambda: self.ledger.mark_finished(task_id, outcome)):
             log.info(
                 "task %s (%s) %s in %.1f s", task_id, task_type, outcome_summary(outcome), seconds

@@ -75,5 +75,9 @@ class ResultsUndelivered(TrustPollerError):
     exit_code = EXIT_TEMPORARY
 
 
+class DaemonCrashed(TrustPollerError):
+    """A thread of the daemon died of a bug; exit 70 so systemd restarts a whole daemon."""
+
+
 class PayloadRejected(Exception):
     """A task payload cannot be opened or is not valid: fails that task, never the daemon."""

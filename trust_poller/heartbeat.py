@@ -25,7 +25,8 @@ from trust_poller.hub import (
 )
 from trust_poller.identity import IdentityGuard
 from trust_poller.kit import Kit
-from trust_poller.pacing import Backoff, HubBudgets, HubTrouble
+from trust_poller.ledger import StateUnwritable
+from trust_poller.pacing import Backoff, HubBudgets, HubTrouble, ProblemLog
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +50,7 @@ class Heartbeat:
         self.budgets = budgets
         self.guard = guard
         self.trouble = trouble
+        self.state_trouble = ProblemLog("state directory cannot be written")
         self.halt = halt
         self.health = health
         self.last_success: float | None = None
@@ -142,6 +144,7 @@ class Heartbeat:
                 try:
                     self.beat(client)
                     rejected.reset()
+                    self.state_trouble.recovered("state directory writable again")
                 except (Halted, IdentityMismatch):
                     return
                 except HubKeyRejected as exc:
@@ -151,6 +154,9 @@ class Heartbeat:
                     self.trouble.failed(exc.reason, rate_limited=True, channel="heartbeat")
                 except HubError as exc:
                     self.trouble.failed(f"heartbeat: {exc.reason}", channel="heartbeat")
+                except StateUnwritable as exc:
+                    # The trust id could not be stored: not verified yet, so nothing is claimed.
+                    self.state_trouble.failed(f"{exc}; cannot record the trust id", logging.ERROR)
                 next_beat = max(next_beat + delay, started)
                 self.halt.wait(max(0.0, next_beat - time.monotonic()))
         finally:

@@ -10,11 +10,18 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from trust_poller import crypto
 from trust_poller.dispatch import StateWriter, TaskRecord, TaskRunner, envelope_text
-from trust_poller.errors import EXIT_OK, IdentityMismatch, PayloadRejected, StateError
+from trust_poller.errors import (
+    EXIT_OK,
+    DaemonCrashed,
+    IdentityMismatch,
+    PayloadRejected,
+    StateError,
+)
 from trust_poller.health import HealthCollector
 from trust_poller.heartbeat import Heartbeat
 from trust_poller.hub import (
@@ -90,6 +97,7 @@ class Daemon:
         watchdog = self.notifier.watchdog_interval()
         self.tick = min(MAX_TICK_SECONDS, watchdog) if watchdog else MAX_TICK_SECONDS
         self._signals = 0
+        self.crashed: str | None = None
 
     # -- signals -------------------------------------------------------------------------
 
@@ -263,12 +271,28 @@ class Daemon:
 
     # -- run -------------------------------------------------------------------------------
 
+    def _guarded(self, name: str, body: Callable[[], None]) -> Callable[[], None]:
+        """A thread that dies would leave the daemon half alive (no heartbeats, say): stop
+        everything instead, so systemd restarts a whole daemon."""
+
+        def guarded() -> None:
+            try:
+                body()
+            except Exception:
+                log.critical("the %s thread crashed; stopping trust-poller", name, exc_info=True)
+                self.crashed = name
+                self.halt.set()
+
+        return guarded
+
     def _start_threads(self) -> list[threading.Thread]:
         targets = [("heartbeat", self.heartbeat.run), ("reporter", self.reporter.run)]
         if self.health is not None:
             health = self.health
             targets.append(("health", lambda: health.run(self.halt)))
-        threads = [threading.Thread(target=t, name=n, daemon=True) for n, t in targets]
+        threads = [
+            threading.Thread(target=self._guarded(n, t), name=n, daemon=True) for n, t in targets
+        ]
         for thread in threads:
             thread.start()
         self.pool.start()
@@ -293,6 +317,8 @@ class Daemon:
             self.runner.close()
         if self.guard.fatal is not None:
             raise self.guard.fatal
+        if self.crashed is not None:
+            raise DaemonCrashed(f"the {self.crashed} thread crashed (see the traceback above)")
 
     def _claim_loop(self, client: HubClient) -> None:
         """Poll whenever a claim would start at once, never faster than the hub allows.
@@ -413,6 +439,7 @@ class Daemon:
     def once(self) -> OnceSummary:
         """Heartbeat (identity check), re-send, claim once, run, report — then return."""
         client = HubClient(self.kit, self.halt, on_identity=self.guard.check)
+        self.runner.keep_records = True
         try:
             self.heartbeat.beat(client)
             self.ledger.check_writable()  # before anything starts: a task must never be cut off

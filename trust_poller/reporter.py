@@ -181,6 +181,7 @@ class Reporter:
                 self.trouble.failed(exc.reason)
                 return False
             self.trouble.succeeded()
+        self.trouble.succeeded()  # a complete pass also ends a problem whose entries are gone
         return True
 
     def run(self) -> None:
