@@ -7,29 +7,63 @@ variables, TLS verified against HUB_CA_BUNDLE or the operating system's trust st
 
 from __future__ import annotations
 
-import enum
 import json
 import logging
-import re
-import ssl
 import threading
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, TypeGuard
+from typing import Any
 
 import requests
 import urllib3
 
-from trust_poller.errors import HubUnavailable, KeyRejected
+from trust_poller.hub_replies import (
+    Answer,
+    Halted,
+    HeartbeatReply,
+    HubError,
+    HubKeyRejected,
+    HubRateLimited,
+    Identity,
+    PendingTask,
+    ReportReply,
+    SnapshotRejected,
+    identity_of,
+    is_text,
+    parse_tasks,
+    read_refusal,
+)
 from trust_poller.kit import Kit
 from trust_poller.pacing import Pacer
 from trust_poller.payloads import nested_too_deep
 from trust_poller.redact import Redactor
+from trust_poller.tls import system_trust_store, tls_failure
 
 log = logging.getLogger(__name__)
+
+# Re-exported: callers take the hub's vocabulary from the hub module.
+__all__ = [
+    "CONNECT_TIMEOUT",
+    "PENDING_REPLY_CAP",
+    "READ_TIMEOUT",
+    "REPLY_DEADLINE",
+    "SMALL_REPLY_CAP",
+    "Answer",
+    "Halted",
+    "HeartbeatReply",
+    "HubClient",
+    "HubError",
+    "HubKeyRejected",
+    "HubRateLimited",
+    "Identity",
+    "PendingTask",
+    "ReportReply",
+    "SnapshotRejected",
+    "parse_tasks",
+    "read_refusal",
+    "system_trust_store",
+]
 
 CONNECT_TIMEOUT = 3.05
 READ_TIMEOUT = 27.0
@@ -38,126 +72,6 @@ SMALL_REPLY_CAP = 1 << 20
 PENDING_REPLY_CAP = 64 << 20
 # The hub's `detail` is kept to this many characters (it ends up in logs and short failures).
 DETAIL_CHARS = 300
-# Task types are short names; a longer one is refused, and never copied whole into logs.
-MAX_TASK_TYPE_CHARS = 100
-_409_STATUS = re.compile(r"status:\s*([A-Z_]+)")
-_OS_BUNDLES = (
-    "/etc/ssl/certs/ca-certificates.crt",
-    "/etc/pki/tls/certs/ca-bundle.crt",
-    "/etc/ssl/ca-bundle.pem",
-    "/etc/ssl/cert.pem",
-)
-
-
-def system_trust_store() -> str:
-    """The operating system's CA store, where hospitals install their inspection CAs."""
-    paths = ssl.get_default_verify_paths()
-    for candidate in (paths.cafile, *_OS_BUNDLES, paths.capath):
-        if candidate and Path(candidate).exists():
-            return candidate
-    return requests.utils.DEFAULT_CA_BUNDLE_PATH
-
-
-def tls_failure(exc: BaseException, verify: str, *, from_kit: bool) -> str:
-    """Why verifying the hub failed, against which CA store, and the fix (never a bypass)."""
-    reason = "the TLS handshake failed"
-    pending: list[object] = [exc]
-    for _ in range(16):  # requests wraps urllib3 wraps ssl; the bound only guards against cycles
-        if not pending:
-            break
-        current = pending.pop(0)
-        if isinstance(current, ssl.SSLCertVerificationError):
-            reason = f"certificate verify failed: {current.verify_message or current.reason}"
-            break
-        if isinstance(current, ssl.SSLError) and current.reason:
-            reason = f"TLS error: {current.reason}"
-        if isinstance(current, BaseException):
-            pending.extend(current.args)
-            pending.extend(x for x in (current.__cause__, current.__context__) if x is not None)
-            pending.append(getattr(current, "reason", None))
-    if from_kit:
-        store = f"HUB_CA_BUNDLE {verify}"
-    else:
-        store = (
-            f"the system trust store {verify} (HUB_CA_BUNDLE is not set; REQUESTS_CA_BUNDLE "
-            "and CURL_CA_BUNDLE are never used)"
-        )
-    return (
-        f"TLS verification of the hub failed ({reason}) against {store}; fix: set "
-        "HUB_CA_BUNDLE in the kit to the CA that signed the hub's certificate, or install "
-        "that CA in the system trust store"
-    )
-
-
-class HubError(HubUnavailable):
-    """No usable answer from the hub (transport, timeout, 5xx, 429, not the hub's JSON)."""
-
-    def __init__(
-        self, reason: str, *, status: int | None = None, retry_after: float | None = None
-    ) -> None:
-        super().__init__(reason)
-        self.reason = reason
-        self.status = status
-        self.retry_after = retry_after
-
-    @property
-    def reply_unusable(self) -> bool:
-        """A 200 reply arrived but could not be used (too large, too slow, cut off, not JSON,
-        wrong shape): for a poll, the hub has already marked its tasks IN_PROGRESS."""
-        return self.status == 200
-
-
-class HubRateLimited(HubError):
-    """429: the key's budget is spent (another host may be polling with this kit)."""
-
-
-class HubKeyRejected(KeyRejected):
-    """401 (or 403 outside result posts): the hub does not accept this kit's API key."""
-
-
-class SnapshotRejected(Exception):
-    """422 on a heartbeat with a health snapshot: nothing was recorded."""
-
-
-class Halted(Exception):
-    """The daemon is stopping now; the request was not sent."""
-
-
-@dataclass(frozen=True)
-class Identity:
-    trust_id: str
-    trust_name: str
-
-
-@dataclass(frozen=True)
-class HeartbeatReply:
-    identity: Identity
-    hub_version: str | None
-    hub_key_fingerprint: str | None
-
-
-@dataclass(frozen=True)
-class PendingTask:
-    """One task from a poll; `problem` says why it cannot be run (it is failed, not dropped)."""
-
-    id: str
-    task_type: str
-    payload: object
-    created_at: str | None
-    problem: str | None = None
-
-
-class Answer(enum.Enum):
-    ACKNOWLEDGED = "acknowledged"
-    RETIRED = "retired"
-    AWAIT_REDELIVERY = "await-redelivery"
-    BODY_REFUSED = "body-refused"
-
-
-@dataclass(frozen=True)
-class ReportReply:
-    answer: Answer
-    detail: str
 
 
 @dataclass(frozen=True)
@@ -316,7 +230,7 @@ class HubClient:
         if not isinstance(document, dict):
             return
         trust_id, trust_name = document.get("trust_id"), document.get("trust_name")
-        if _is_text(trust_id) and _is_text(trust_name) and self.on_identity:
+        if is_text(trust_id) and is_text(trust_name) and self.on_identity:
             self.on_identity(Identity(trust_id, trust_name))
 
     def _raise_for_trouble(self, reply: _Reply, what: str, pacer: Pacer | None) -> None:
@@ -356,7 +270,7 @@ class HubClient:
             raise HubKeyRejected("heartbeat: the hub refused this key (403)")
         if reply.status != 200:
             raise HubError(f"heartbeat: unexpected HTTP {reply.status}", status=reply.status)
-        identity = _identity_of(reply.document, "heartbeat")
+        identity = identity_of(reply.document, "heartbeat")
         version = reply.document.get("hub_version")
         fingerprint = reply.document.get("aes_key_fingerprint")
         return HeartbeatReply(
@@ -372,7 +286,7 @@ class HubClient:
             raise HubKeyRejected("poll: the hub refused this key (403)")
         if reply.status != 200:
             raise HubError(f"poll: unexpected HTTP {reply.status}", status=reply.status)
-        identity = _identity_of(reply.document, "poll", status=200)
+        identity = identity_of(reply.document, "poll", status=200)
         items = reply.document.get("tasks")
         if not isinstance(items, list):
             raise HubError("poll: reply has no 'tasks' list", status=200)
@@ -391,88 +305,3 @@ class HubClient:
         if reply.status in (403, 404, 422):
             return ReportReply(Answer.BODY_REFUSED, f"{reply.status}: {reply.detail}")
         raise HubError(f"cohort results: unexpected HTTP {reply.status}", status=reply.status)
-
-
-def read_refusal(status: int, detail: str) -> ReportReply:
-    """The protocol page's "What a refusal means", for a reply that is the hub's own JSON."""
-    if status == 200:
-        return ReportReply(Answer.ACKNOWLEDGED, "result recorded")
-    if status == 409:
-        match = _409_STATUS.search(detail)
-        current = match.group(1) if match else ""
-        if current == "PENDING":
-            return ReportReply(Answer.AWAIT_REDELIVERY, detail)
-        if current in ("COMPLETED", "FAILED", "CANCELLED"):
-            return ReportReply(Answer.RETIRED, detail)
-        raise HubError(f"result: 409 without a final status ({detail})", status=409)
-    if status in (403, 404):
-        return ReportReply(Answer.RETIRED, f"{status}: {detail}")
-    if status == 422:
-        return ReportReply(Answer.BODY_REFUSED, detail)
-    raise HubError(f"result: unexpected HTTP {status}", status=status)
-
-
-def _identity_of(document: Any, what: str, *, status: int | None = None) -> Identity:
-    trust_id, trust_name = document.get("trust_id"), document.get("trust_name")
-    if not _is_text(trust_id) or not _is_text(trust_name):
-        raise HubError(f"{what}: reply carries no trust_id/trust_name", status=status)
-    return Identity(trust_id, trust_name)
-
-
-def _is_text(value: object) -> TypeGuard[str]:
-    """A string that UTF-8 can carry: JSON may hold lone surrogates ("\\ud800"), which no
-    log line, state database or request body can."""
-    if not isinstance(value, str):
-        return False
-    try:
-        value.encode()
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
-def _as_text(value: str) -> str:
-    return value if _is_text(value) else value.encode(errors="backslashreplace").decode()
-
-
-def parse_tasks(items: list[Any]) -> list[PendingTask]:
-    """Every item with a usable id becomes a task (a broken one is failed with a reason)."""
-    tasks: list[PendingTask] = []
-    seen: set[str] = set()
-    for position, item in enumerate(items):
-        raw_id = item.get("id") if isinstance(item, dict) else None
-        try:
-            task_id = str(uuid.UUID(raw_id)) if isinstance(raw_id, str) else None
-        except ValueError:
-            task_id = None
-        if task_id is None:
-            log.error("poll: task #%d has no usable id and cannot be run or reported", position)
-            continue
-        if task_id in seen:
-            log.warning("poll: task %s appears twice in one reply; running it once", task_id)
-            continue
-        seen.add(task_id)
-        task_type = item.get("task_type")
-        created_at = item.get("created_at")
-        payload = item.get("payload")
-        problem = None
-        if not isinstance(task_type, str) or not task_type:
-            problem, task_type = "task has no task_type", ""
-        elif not _is_text(task_type):
-            problem = "task_type is not valid text (it holds a lone UTF-16 surrogate)"
-            task_type = _as_text(task_type[:MAX_TASK_TYPE_CHARS])
-        elif len(task_type) > MAX_TASK_TYPE_CHARS:
-            problem = f"task_type is too long to be a task type ({len(task_type):,} characters)"
-            task_type = task_type[:MAX_TASK_TYPE_CHARS]
-        elif "payload" not in item:
-            problem = "task has no payload"
-        tasks.append(
-            PendingTask(
-                task_id,
-                task_type,
-                _as_text(payload) if isinstance(payload, str) else payload,
-                _as_text(created_at) if isinstance(created_at, str) else None,
-                problem,
-            )
-        )
-    return tasks
