@@ -22,7 +22,8 @@ from trust_poller.outcome import failure, success
 from trust_poller.playground.harness import wait_until
 from trust_poller.playground.loopback_hub import LoopbackHub
 from trust_poller.playground.loopback_services import LoopbackServices
-from trust_poller.poller import MAX_INTERRUPTIONS, Daemon
+from trust_poller.poller import Daemon
+from trust_poller.recovery import MAX_INTERRUPTIONS
 from trust_poller.redact import Redactor
 
 KitWriter = Callable[..., Path]

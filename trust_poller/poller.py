@@ -13,13 +13,11 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from trust_poller import crypto
 from trust_poller.dispatch import StateWriter, TaskRecord, TaskRunner, envelope_text
 from trust_poller.errors import (
     EXIT_OK,
     DaemonCrashed,
     IdentityMismatch,
-    PayloadRejected,
     StateError,
 )
 from trust_poller.health import HealthCollector
@@ -36,15 +34,15 @@ from trust_poller.identity import IdentityGuard
 from trust_poller.kit import Kit
 from trust_poller.ledger import ClaimedTask, Ledger, LedgerEntry, StateUnwritable, TaskState
 from trust_poller.notify import SystemdNotifier
-from trust_poller.outcome import bounded, failure
+from trust_poller.outcome import failure
 from trust_poller.pacing import Backoff, HubBudgets, HubTrouble
+from trust_poller.recovery import Recovery
 from trust_poller.redact import Redactor
 from trust_poller.reporter import Reporter
 from trust_poller.workers import TaskPool
 
 log = logging.getLogger(__name__)
 
-MAX_INTERRUPTIONS = 3
 PRUNE_EVERY_SECONDS = 3600.0
 MAX_TICK_SECONDS = 5.0
 # The longest a wait on something other than the stop signal lasts before checking it.
@@ -112,71 +110,10 @@ class Daemon:
     # -- the claim side ------------------------------------------------------------------
 
     def recover(self) -> None:
-        """Start-up: run what was claimed, re-run what was interrupted (unless unsafe).
-
-        What was found is logged by Ledger.open, before the outbox sender can change it.
-        """
-        claimed = self.ledger.in_state(TaskState.CLAIMED)
-        started = self.ledger.in_state(TaskState.STARTED)
-        unsent = self.ledger.unsent()
-        for entry in claimed:
-            self.pool.submit(self.runner.job(entry.id, entry.task_type, entry.envelope))
-        for entry in started:
-            self._resume_interrupted(entry)
-        if unsent:
+        """Start-up: what the state directory holds from the last run (see recovery.py)."""
+        recovery = Recovery(self.kit, self.ledger, self.runner, self.writer, self.pool.submit)
+        if recovery.recover():
             self.reporter.wake()
-
-    def _resume_interrupted(self, entry: LedgerEntry) -> None:
-        counted: list[int] = []
-        if not self.writer.write(lambda: counted.append(self.ledger.note_interrupted(entry.id))):
-            return
-        interruptions = counted[0]
-        if interruptions >= MAX_INTERRUPTIONS:
-            log.error(
-                "task %s (%s) was interrupted %d times; failing it as poison",
-                entry.id,
-                entry.task_type,
-                interruptions,
-            )
-            self.runner.finish(
-                entry.id,
-                entry.task_type,
-                failure(
-                    f"task was interrupted {interruptions} times while running (the trust's "
-                    "daemon stopped or crashed each time); failed as poison instead of "
-                    "running again"
-                ),
-            )
-        elif entry.task_type == "create_imaging":
-            log.error(
-                "create_imaging task %s was interrupted; reporting it failed, not re-running",
-                entry.id,
-            )
-            self.runner.finish(entry.id, entry.task_type, failure(self._interrupted_create(entry)))
-        else:
-            log.warning(
-                "task %s (%s) was interrupted; running it again (it is safe to repeat)",
-                entry.id,
-                entry.task_type,
-            )
-            self.pool.submit(self.runner.job(entry.id, entry.task_type, entry.envelope))
-
-    def _interrupted_create(self, entry: LedgerEntry) -> str:
-        """The operator-facing reason for an interrupted create_imaging, naming the project."""
-        project = "the project"
-        try:
-            payload = crypto.open_task_payload(self.kit.aes_key, entry.task_type, entry.envelope)
-        except PayloadRejected:
-            payload = {}
-        name, project_id = payload.get("project_name"), payload.get("project_id")
-        if isinstance(name, str) and isinstance(project_id, str):
-            project = f"project {bounded(name, 200)!r} (hub project {bounded(project_id, 80)})"
-        return (
-            "create_imaging was interrupted while running (trust-poller stopped or crashed) "
-            f"and was not run again: {project} may be partly created in XNAT and its users "
-            "may have been e-mailed their credentials — check XNAT / imaging-api for it "
-            "before creating it again"
-        )
 
     def claim(self, client: HubClient) -> int:
         """One poll: record every task durably, then queue the new ones. Returns the count."""
@@ -193,7 +130,9 @@ class Daemon:
             raise
         if not tasks:
             return 0
-        claimed = [ClaimedTask(t.id, t.task_type, _envelope(t), t.created_at) for t in tasks]
+        claimed = [
+            ClaimedTask(t.id, t.task_type, envelope_text(t.payload), t.created_at) for t in tasks
+        ]
         try:
             known = self.ledger.record_claims(claimed)
         except StateUnwritable as exc:
@@ -472,7 +411,3 @@ class Daemon:
             self.pool.close()
             client.close()
             self.runner.close()
-
-
-def _envelope(task: PendingTask) -> str:
-    return envelope_text(task.payload)
