@@ -412,6 +412,19 @@ def test_transport_failure_is_a_hub_error(client: HubClient) -> None:
             client.heartbeat(None)
 
 
+def test_every_failure_reason_names_its_call_exactly_once(client: HubClient) -> None:
+    with responses.RequestsMock() as rsps:
+        rsps.get(f"{HUB}/tasks/pending", body=requests.ConnectionError("Connection refused"))
+        rsps.get(f"{HUB}/tasks/pending", status=503, json={"detail": "down"})
+        reasons = []
+        for _ in range(2):
+            with pytest.raises(HubError) as failed:
+                client.pending_tasks(None)
+            reasons.append(failed.value.reason)
+
+    assert reasons == ["poll: connection refused", "poll: hub error 503"]
+
+
 # --- pending tasks -----------------------------------------------------------------------------
 
 

@@ -153,7 +153,7 @@ class Heartbeat:
                 except HubRateLimited as exc:
                     self.trouble.failed(exc.reason, rate_limited=True, channel="heartbeat")
                 except HubError as exc:
-                    self.trouble.failed(f"heartbeat: {exc.reason}", channel="heartbeat")
+                    self.trouble.failed(exc.reason, channel="heartbeat")
                 except StateUnwritable as exc:
                     # The trust id could not be stored: not verified yet, so nothing is claimed.
                     self.state_trouble.failed(f"{exc}; cannot record the trust id", logging.ERROR)

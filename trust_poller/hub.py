@@ -142,13 +142,14 @@ class HubClient:
     def close(self) -> None:
         self.session.close()
 
-    def _read(self, response: requests.Response, cap: int) -> bytes:
+    def _read(self, response: requests.Response, cap: int, what: str) -> bytes:
         status = response.status_code
         declared = response.headers.get("Content-Length", "")
         # isascii: "²".isdigit() is True, but int("²") raises.
         if declared.isascii() and declared.isdigit() and int(declared) > cap:
             raise HubError(
-                f"reply of {int(declared):,} bytes is over the {cap:,}-byte cap", status=status
+                f"{what}: reply of {int(declared):,} bytes is over the {cap:,}-byte cap",
+                status=status,
             )
         deadline = time.monotonic() + self.reply_deadline
         read_some = getattr(response.raw, "read1", None)
@@ -164,11 +165,13 @@ class HubClient:
             size += len(chunk)
             if size > cap:
                 raise HubError(
-                    f"reply is over the {cap:,}-byte cap; refused while reading", status=status
+                    f"{what}: reply is over the {cap:,}-byte cap; refused while reading",
+                    status=status,
                 )
             if time.monotonic() > deadline:
                 raise HubError(
-                    f"reply did not finish within {self.reply_deadline:.0f} s", status=status
+                    f"{what}: reply did not finish within {self.reply_deadline:.0f} s",
+                    status=status,
                 )
             chunks.append(chunk)
 
@@ -177,6 +180,7 @@ class HubClient:
         method: str,
         path: str,
         pacer: Pacer | None,
+        what: str,
         *,
         body: Any = None,
         cap: int = SMALL_REPLY_CAP,
@@ -197,15 +201,16 @@ class HubClient:
                 proxies=self.proxies,
             ) as response:
                 received = response.status_code
-                content = self._read(response, cap)
+                content = self._read(response, cap, what)
                 status = response.status_code
                 content_type = response.headers.get("Content-Type", "")
                 retry_after = _retry_after(response.headers.get("Retry-After"))
         # The body is read from urllib3 directly, whose errors requests does not wrap.
         except (requests.RequestException, urllib3.exceptions.HTTPError) as exc:
             if isinstance(exc, requests.exceptions.SSLError):
-                raise HubError(tls_failure(exc, self.verify, from_kit=self._ca_from_kit)) from None
-            raise HubError(_describe(exc), status=received) from None
+                failed = tls_failure(exc, self.verify, from_kit=self._ca_from_kit)
+                raise HubError(f"{what}: {failed}") from None
+            raise HubError(f"{what}: {_describe(exc)}", status=received) from None
         document: Any = None
         hub_json = False
         if content and "json" in content_type.lower():
@@ -262,7 +267,7 @@ class HubClient:
     def heartbeat(
         self, pacer: Pacer | None, snapshot: dict[str, Any] | None = None
     ) -> HeartbeatReply:
-        reply = self._request("POST", "/trust/heartbeat", pacer, body=snapshot)
+        reply = self._request("POST", "/trust/heartbeat", pacer, "heartbeat", body=snapshot)
         self._raise_for_trouble(reply, "heartbeat", pacer)
         if reply.status == 422 and snapshot is not None:
             raise SnapshotRejected(reply.detail or "health snapshot rejected")
@@ -280,7 +285,7 @@ class HubClient:
         )
 
     def pending_tasks(self, pacer: Pacer | None) -> tuple[Identity, list[PendingTask]]:
-        reply = self._request("GET", "/tasks/pending", pacer, cap=PENDING_REPLY_CAP)
+        reply = self._request("GET", "/tasks/pending", pacer, "poll", cap=PENDING_REPLY_CAP)
         self._raise_for_trouble(reply, "poll", pacer)
         if reply.status == 403:
             raise HubKeyRejected("poll: the hub refused this key (403)")
@@ -293,12 +298,14 @@ class HubClient:
         return identity, parse_tasks(items)
 
     def report_result(self, pacer: Pacer | None, task_id: str, body: dict[str, Any]) -> ReportReply:
-        reply = self._request("POST", f"/tasks/{task_id}/result", pacer, body=body)
+        reply = self._request(
+            "POST", f"/tasks/{task_id}/result", pacer, f"result {task_id}", body=body
+        )
         self._raise_for_trouble(reply, f"result {task_id}", pacer)
         return read_refusal(reply.status, reply.detail)
 
     def post_cohort_results(self, body: dict[str, Any]) -> ReportReply:
-        reply = self._request("POST", "/cohort/results", None, body=body)
+        reply = self._request("POST", "/cohort/results", None, "cohort results", body=body)
         self._raise_for_trouble(reply, "cohort results", None)
         if reply.status == 200:
             return ReportReply(Answer.ACKNOWLEDGED, "cohort results recorded")

@@ -314,7 +314,7 @@ class Daemon:
                 next_poll = time.monotonic() + backoff.next_delay()
                 continue
             except HubError as exc:
-                self.trouble.failed(f"poll: {exc.reason}", channel="poll")
+                self.trouble.failed(exc.reason, channel="poll")
                 next_poll = time.monotonic() + backoff.next_delay()
                 continue
             self.writer.trouble.recovered("state directory writable again")
