@@ -8,18 +8,23 @@ handed out as new again: a redelivery returns the existing entry instead.
 from __future__ import annotations
 
 import contextlib
-import enum
-import json
 import logging
 import sqlite3
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from trust_poller.errors import EXIT_TEMPORARY, StateError, TrustPollerError
+from trust_poller.ledger_rows import (
+    BadRow,
+    ClaimedTask,
+    LedgerEntry,
+    TaskState,
+    entry_from_row,
+    outcome_columns,
+)
 from trust_poller.outcome import Outcome, failure
 from trust_poller.state_dir import (
     DB_FILE,
@@ -33,39 +38,20 @@ from trust_poller.state_dir import default_state_dir as default_state_dir
 
 log = logging.getLogger(__name__)
 
+# Re-exported: callers take the ledger's vocabulary from the ledger module.
+__all__ = [
+    "FORMAT_VERSION",
+    "ClaimedTask",
+    "Ledger",
+    "LedgerEntry",
+    "StateUnwritable",
+    "TaskState",
+    "TransitionRefused",
+    "UnknownTask",
+    "default_state_dir",
+]
+
 FORMAT_VERSION = 1
-
-
-class TaskState(enum.StrEnum):
-    CLAIMED = "claimed"
-    STARTED = "started"
-    FINISHED = "finished"
-    ACKNOWLEDGED = "acknowledged"
-    RETIRED = "retired"
-
-
-@dataclass(frozen=True)
-class ClaimedTask:
-    id: str
-    task_type: str
-    envelope: str
-    created_at: str | None = None
-
-
-@dataclass(frozen=True)
-class LedgerEntry:
-    id: str
-    task_type: str
-    envelope: str
-    state: TaskState
-    interruptions: int
-    outcome: Outcome | None
-    cohort_pending: bool
-    awaiting_redelivery: bool
-    deliveries: int
-    claimed_at: float
-    updated_at: float
-    note: str | None
 
 
 class StateUnwritable(TrustPollerError):
@@ -116,57 +102,6 @@ _NOT_RUN_AGAIN = (
 )
 
 
-class _BadRow(Exception):
-    pass
-
-
-def _need(value: Any, kind: type | tuple[type, ...], column: str, optional: bool = False) -> Any:
-    if (value is None and optional) or (isinstance(value, kind) and not isinstance(value, bool)):
-        return value
-    raise _BadRow(f"{column} is {value!r}")
-
-
-def _flag(value: Any, column: str) -> bool:
-    if isinstance(value, int) and value in (0, 1):
-        return bool(value)
-    raise _BadRow(f"{column} is {value!r}")
-
-
-def _entry_from_row(row: Sequence[Any]) -> LedgerEntry:
-    """A row as read from disk, checked; a damaged one raises _BadRow with the reason."""
-    _, task_id, task_type, envelope, state, interruptions, success, result, cohort_post = row[:9]
-    try:
-        task_state = TaskState(state)
-    except ValueError:
-        raise _BadRow(f"state is {state!r}") from None
-    outcome = None
-    if success is not None:
-        try:
-            post = None if cohort_post is None else json.loads(_need(cohort_post, str, "post"))
-        except ValueError as error:
-            raise _BadRow(f"cohort_post is not JSON: {error}") from None
-        post = _need(post, dict, "cohort_post", optional=True)
-        outcome = Outcome(_flag(success, "success"), _need(result, str, "result", True), post)
-    elif result is not None or cohort_post is not None:
-        raise _BadRow("a result is stored without its success flag")
-    if outcome is None and task_state in (TaskState.FINISHED, TaskState.ACKNOWLEDGED):
-        raise _BadRow(f"state is {state} but no outcome is stored")
-    return LedgerEntry(
-        id=_need(task_id, str, "id"),
-        task_type=_need(task_type, str, "task_type"),
-        envelope=_need(envelope, str, "envelope"),
-        state=task_state,
-        interruptions=_need(interruptions, int, "interruptions"),
-        outcome=outcome,
-        cohort_pending=_flag(row[9], "cohort_pending"),
-        awaiting_redelivery=_flag(row[10], "awaiting_redelivery"),
-        deliveries=_need(row[11], int, "deliveries"),
-        claimed_at=float(_need(row[12], (int, float), "claimed_at")),
-        updated_at=float(_need(row[13], (int, float), "updated_at")),
-        note=_need(row[14], str, "note", optional=True),
-    )
-
-
 def _quarantine(db: sqlite3.Connection, seq: int, reason: str) -> None:
     db.execute(
         f"INSERT INTO quarantine ({_COLUMNS}, reason, quarantined_at) "  # noqa: S608 (constants)
@@ -174,11 +109,6 @@ def _quarantine(db: sqlite3.Connection, seq: int, reason: str) -> None:
         (reason, time.time(), seq),
     )
     db.execute("DELETE FROM tasks WHERE seq = ?", (seq,))
-
-
-def _outcome_columns(outcome: Outcome) -> tuple[int, str | None, str | None]:
-    post = None if outcome.cohort_post is None else json.dumps(outcome.cohort_post)
-    return int(outcome.success), outcome.result, post
 
 
 class Ledger:
@@ -275,8 +205,8 @@ class Ledger:
         with self._guard, self._using(write=False) as db:
             for row in db.execute(f"{_SELECT} {where}", params).fetchall():
                 try:
-                    entries.append(_entry_from_row(row))
-                except _BadRow as bad:
+                    entries.append(entry_from_row(row))
+                except BadRow as bad:
                     damaged.append((row[0], row[1], str(bad)))
             if damaged:
                 try:
@@ -334,18 +264,18 @@ class Ledger:
                 row = db.execute(f"{_SELECT} WHERE id = ?", (task.id,)).fetchone()
                 try:
                     if row is not None:
-                        _entry_from_row(row)
+                        entry_from_row(row)
                         db.execute(
                             "UPDATE tasks SET deliveries = deliveries + 1 WHERE id = ?", (task.id,)
                         )
-                except _BadRow as bad:
+                except BadRow as bad:
                     _quarantine(db, row[0], str(bad))
                     damaged.append((task.id, str(bad)))
                     row = None
                 if row is None:
                     claims[task.id] = self._insert(db, task)
                 else:
-                    claims[task.id] = _entry_from_row(
+                    claims[task.id] = entry_from_row(
                         db.execute(f"{_SELECT} WHERE id = ?", (task.id,)).fetchone()
                     )
         for task_id, reason in damaged:
@@ -368,9 +298,9 @@ class Ledger:
             "INSERT INTO tasks (id, task_type, envelope, created_at, claimed_at, updated_at, "  # noqa: S608
             "state, success, result, cohort_post, note, finished_order) "
             f"VALUES (?, ?, ?, ?, ?, ?, 'finished', ?, ?, ?, ?, {_NEXT_FINISHED})",
-            (*values, *_outcome_columns(failure(_NOT_RUN_AGAIN)), "redelivered after quarantine"),
+            (*values, *outcome_columns(failure(_NOT_RUN_AGAIN)), "redelivered after quarantine"),
         )
-        return _entry_from_row(db.execute(f"{_SELECT} WHERE id = ?", (task.id,)).fetchone())
+        return entry_from_row(db.execute(f"{_SELECT} WHERE id = ?", (task.id,)).fetchone())
 
     def mark_started(self, task_id: str) -> None:
         self._change(task_id, {TaskState.CLAIMED, TaskState.STARTED}, "state = 'started'")
@@ -382,7 +312,7 @@ class Ledger:
             None,
             "state = 'finished', success = ?, result = ?, cohort_post = ?, cohort_pending = ?, "
             f"awaiting_redelivery = 0, finished_order = {_NEXT_FINISHED}",
-            *_outcome_columns(outcome),
+            *outcome_columns(outcome),
             outcome.cohort_post is not None,
         )
 
@@ -394,7 +324,7 @@ class Ledger:
             task_id,
             {TaskState.FINISHED},
             "success = ?, result = ?, cohort_post = ?, cohort_pending = ?",
-            *_outcome_columns(outcome),
+            *outcome_columns(outcome),
             cohort_pending,
         )
 
