@@ -829,6 +829,24 @@ def test_whoami_on_the_credential_copy_checks_the_source_kit(
     assert f"{source}: kit file is writable by others" in refused.stderr
 
 
+@pytest.mark.usefixtures("restore_logging")
+def test_the_credential_copys_own_mode_is_systemds_and_never_warned_about(
+    hub: LoopbackHub, write_kit: KitWriter, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    credentials = tmp_path / "credentials"
+    credentials.mkdir()
+    copy = write_kit("credentials/kit")
+    copy.chmod(0o440)  # group-readable, as systemd may grant the service's group
+    source = write_kit("source-kit.env")
+    monkeypatch.setattr(cli, "DEFAULT_KIT_PATH", source)
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(credentials))
+
+    done = CliRunner().invoke(cli.main, ["whoami", "--kit", str(copy)])
+
+    assert done.exit_code == 0, done.stderr
+    assert "readable by group or others" not in done.stderr
+
+
 def test_credential_copy_is_recognised_in_the_systemd_location_without_the_variable() -> None:
     systemd_copy = Path("/run/credentials/trust-poller.service/kit")
 

@@ -126,7 +126,7 @@ def start(kit_path: Path, log_format: str, verbose: bool) -> tuple[Kit, Redactor
     source = credential_source(kit_path)
     if source is not None:
         check_kit_permissions(source)
-    kit = load_kit(kit_path)
+    kit = load_kit(kit_path, check_permissions=source is None)
     redactor.add(kit.secrets())
     return kit, redactor
 

@@ -315,9 +315,14 @@ def check_kit_permissions(path: Path) -> None:
         log.warning("kit %s is readable by group or others; run: chmod 600 %s", path, path)
 
 
-def load_kit(path: Path) -> Kit:
-    """Read and validate the kit; raise KitError with the key, file and fix."""
-    check_kit_permissions(path)
+def load_kit(path: Path, *, check_permissions: bool = True) -> Kit:
+    """Read and validate the kit; raise KitError with the key, file and fix.
+
+    `check_permissions=False` is for systemd's credential copy, whose mode is systemd's
+    (the CLI checks the source file instead).
+    """
+    if check_permissions:
+        check_kit_permissions(path)
     reader = _Reader(path, read_kit_values(path))
     aes_key, aes_text = reader.aes_key()
     poll_interval = reader.number("POLL_INTERVAL_SECONDS", 5.0)
