@@ -850,6 +850,12 @@ def kit_bytes(content: bytes, mode: int = 0o600) -> Prepare:
     return prepare
 
 
+def kit_with_a_bundle_that_is_no_certificate(folder: Path, mp: pytest.MonkeyPatch) -> Path:
+    bundle = folder / "hub-ca.pem"
+    bundle.write_text("this is not a PEM certificate\n")
+    return kit_file(HUB_CA_BUNDLE=str(bundle))(folder, mp)
+
+
 def kit_writable_by_others(folder: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     path = kit_file()(folder, monkeypatch)
     os.chmod(path, 0o606)  # noqa: S103 - the unsafe mode is the point of the case
@@ -925,6 +931,11 @@ KIT_CASES: dict[str, tuple[Prepare, str | None, str | None]] = {
     ),
     "hub-ca-bundle-missing": (
         kit_file(HUB_CA_BUNDLE="/nonexistent/hub-ca.pem"),
+        "HUB_CA_BUNDLE",
+        None,
+    ),
+    "hub-ca-bundle-not-a-certificate": (
+        kit_with_a_bundle_that_is_no_certificate,
         "HUB_CA_BUNDLE",
         None,
     ),

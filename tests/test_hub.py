@@ -7,6 +7,7 @@ import http.server
 import json
 import logging
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Iterator
@@ -35,6 +36,7 @@ from trust_poller.hub import (
 from trust_poller.kit import Kit
 from trust_poller.pacing import Pacer
 from trust_poller.playground.fake_clock import ClockHalt, FakeClock
+from trust_poller.tls import PinnedTrustAdapter
 
 HUB = "https://hub.test/api"
 HUB_KEY = "hub-canary-aGVsbG8td29ybGQtc2VjcmV0LWtleQ"
@@ -199,7 +201,7 @@ def test_heartbeat_sends_the_snapshot_as_its_body(client: HubClient) -> None:
 
 def test_hub_ca_bundle_is_passed_as_verify_on_every_request(tmp_path: Path) -> None:
     bundle = tmp_path / "hub-ca.pem"
-    bundle.write_text("not really a certificate\n")
+    bundle.write_text(Path(requests.utils.DEFAULT_CA_BUNDLE_PATH).read_text())
     hub_client = HubClient(replace(make_kit(), hub_ca_bundle=bundle), threading.Event())
     with responses.RequestsMock() as rsps:
         kwargs = matchers.request_kwargs_matcher({"verify": str(bundle)})
@@ -808,3 +810,21 @@ def test_netrc_in_home_does_not_replace_the_auth_header(
     hub_client.heartbeat(None)
     hub_client.close()
     assert heartbeat_hub.authorizations == [HUB_KEY]
+
+
+def test_hub_clients_share_one_verifying_tls_context() -> None:
+    first, second = (HubClient(make_kit(), threading.Event()) for _ in range(2))
+    try:
+        adapters = [
+            client.session.get_adapter(f"{HUB}/trust/heartbeat") for client in (first, second)
+        ]
+        contexts = [
+            adapter.context for adapter in adapters if isinstance(adapter, PinnedTrustAdapter)
+        ]
+        assert len(contexts) == 2
+        assert contexts[0] is contexts[1]
+        assert contexts[0].verify_mode == ssl.CERT_REQUIRED
+        assert contexts[0].check_hostname
+    finally:
+        first.close()
+        second.close()

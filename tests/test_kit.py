@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import requests
 
 from trust_poller import crypto
 from trust_poller.errors import EXIT_CONFIG, KitError
@@ -203,7 +204,7 @@ def test_optional_keys_take_their_documented_defaults(kit_with: Callable[..., Ki
 
 def test_optional_keys_override_the_defaults(kit_with: Callable[..., Kit], tmp_path: Path) -> None:
     bundle = tmp_path / "hub-ca.pem"
-    bundle.write_text("-----BEGIN CERTIFICATE-----\n")
+    bundle.write_text(Path(requests.utils.DEFAULT_CA_BUNDLE_PATH).read_text())
     kit = kit_with(
         TRUST_INTERNAL_SERVICE_KEY_HEADER="X-Internal",
         DATA_ACCESS_API_URL="http://10.0.0.5:8000/",

@@ -7,8 +7,10 @@ variables, TLS verified against HUB_CA_BUNDLE or the operating system's trust st
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import ssl
 import threading
 import time
 from collections.abc import Callable
@@ -38,7 +40,7 @@ from trust_poller.kit import Kit
 from trust_poller.pacing import Pacer
 from trust_poller.payloads import nested_too_deep
 from trust_poller.redact import Redactor
-from trust_poller.tls import system_trust_store, tls_failure
+from trust_poller.tls import PinnedTrustAdapter, system_trust_store, tls_failure
 
 log = logging.getLogger(__name__)
 
@@ -135,6 +137,9 @@ class HubClient:
         self._ca_from_kit = kit.hub_ca_bundle is not None
         self.session = requests.Session()
         self.session.trust_env = False  # no ~/.netrc: it would replace the auth header
+        # An unusable store is not mounted: each request then fails saying why (tls_failure).
+        with contextlib.suppress(ssl.SSLError):
+            self.session.mount("https://", PinnedTrustAdapter(self.verify))
         self.proxies = requests.utils.get_environ_proxies(self.base_url)
         self.headers = {kit.api_key_header: kit.api_key, "Accept": "application/json"}
         self.redactor = Redactor(kit.secrets())

@@ -14,6 +14,7 @@ import logging
 import os
 import re
 import socket
+import ssl
 import stat
 import uuid
 from dataclasses import dataclass, field
@@ -235,6 +236,15 @@ class _Reader:
                 f"{bundle} does not exist or is not readable",
                 "point it at a PEM file or a c_rehash'd directory",
             )
+        if bundle.is_file():
+            try:
+                ssl.create_default_context(cafile=str(bundle))
+            except (ssl.SSLError, ValueError):
+                raise self.fail(
+                    key,
+                    f"{bundle} holds no usable CA certificate",
+                    "point it at the PEM file of the CA that signed the hub's certificate",
+                ) from None
         return bundle
 
 
