@@ -138,8 +138,10 @@ class HubClient:
         self.session = requests.Session()
         self.session.trust_env = False  # no ~/.netrc: it would replace the auth header
         # An unusable store is not mounted: each request then fails saying why (tls_failure).
-        with contextlib.suppress(ssl.SSLError):
-            self.session.mount("https://", PinnedTrustAdapter(self.verify))
+        # Plain http (loopback only) needs no context, so none is built for it.
+        if self.base_url.startswith("https://"):
+            with contextlib.suppress(ssl.SSLError):
+                self.session.mount("https://", PinnedTrustAdapter(self.verify))
         self.proxies = requests.utils.get_environ_proxies(self.base_url)
         self.headers = {kit.api_key_header: kit.api_key, "Accept": "application/json"}
         self.redactor = Redactor(kit.secrets())
