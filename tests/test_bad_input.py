@@ -33,6 +33,7 @@ from trust_poller.hub import PENDING_REPLY_CAP, HubClient, HubError
 from trust_poller.kit import Kit, load_kit
 from trust_poller.ledger import Ledger, TaskState
 from trust_poller.outcome import MAX_ERROR_CHARS, MAX_RESULT_CHARS, Outcome, prepare_for_hub
+from trust_poller.playground.kits import kit_in_memory
 from trust_poller.playground.loopback_hub import LoopbackHub
 from trust_poller.playground.loopback_services import LoopbackServices
 from trust_poller.poller import Daemon
@@ -155,13 +156,9 @@ def raw_hub() -> Iterator[Callable[[Callable[[socket.socket, RawHub], None]], Ra
 
 
 def kit_for(url: str) -> Kit:
-    return Kit(
-        path=Path("kit.env"),
+    return kit_in_memory(
         hub_url=f"{url}/api",
         api_key="hub-canary-" + "k" * 32,
-        api_key_header="Authorization",
-        aes_key=bytes(32),
-        aes_key_base64=base64.b64encode(bytes(32)).decode(),
         internal_service_key="internal-canary-" + "i" * 24,
     )
 

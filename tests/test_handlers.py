@@ -8,7 +8,6 @@ import json
 import logging
 import re
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -27,6 +26,7 @@ from trust_poller.handlers import (
 )
 from trust_poller.kit import Kit
 from trust_poller.outcome import Outcome
+from trust_poller.playground.kits import kit_in_memory
 from trust_poller.services import ServiceClient
 
 INTERNAL_KEY = "internal-canary-Qm9vbGVhbi1zZWNyZXQtdmFsdWU"
@@ -48,13 +48,9 @@ IMAGING_PROJECT = "7e6d5c4b-3a29-4180-9f8e-7d6c5b4a3928"
 
 @pytest.fixture
 def kit() -> Kit:
-    return Kit(
-        path=Path("kit.env"),
-        hub_url="https://hub.test/api",
-        api_key=HUB_KEY,
-        api_key_header="Authorization",
+    return kit_in_memory(
         aes_key=AES_KEY,
-        aes_key_base64=AES_TEXT,
+        api_key=HUB_KEY,
         internal_service_key=INTERNAL_KEY,
         data_access_api_url=DATA,
         imaging_api_url=IMAGING,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 import json
 import re
 import socket
@@ -12,7 +11,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -20,6 +18,7 @@ import pytest
 from trust_poller import __version__
 from trust_poller.health import HealthCollector
 from trust_poller.kit import Kit
+from trust_poller.playground.kits import kit_in_memory
 
 SERVICE_NAME = re.compile(r"^[a-z0-9-]{1,32}$")
 STATUSES = {"healthy", "degraded", "down", "unknown"}
@@ -122,13 +121,9 @@ def refused_port() -> int:
 
 
 def make_kit(services: FakeServices, omop_port: int, **overrides: Any) -> Kit:
-    kit = Kit(
-        path=Path("kit.env"),
+    kit = kit_in_memory(
         hub_url="http://127.0.0.1:1/api",
         api_key="k" * 43,
-        api_key_header="Authorization",
-        aes_key=bytes(32),
-        aes_key_base64=base64.b64encode(bytes(32)).decode(),
         internal_service_key="internal-key",
         imaging_api_url=services.url,
         data_access_api_url=services.url,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 import http.server
 import json
 import logging
@@ -36,6 +35,7 @@ from trust_poller.hub import (
 from trust_poller.kit import Kit
 from trust_poller.pacing import Pacer
 from trust_poller.playground.fake_clock import ClockHalt, FakeClock
+from trust_poller.playground.kits import kit_in_memory
 from trust_poller.tls import PinnedTrustAdapter
 
 HUB = "https://hub.test/api"
@@ -66,14 +66,8 @@ def _clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def make_kit(hub_url: str = HUB, header: str = "Authorization") -> Kit:
-    return Kit(
-        path=Path("kit.env"),
-        hub_url=hub_url,
-        api_key=HUB_KEY,
-        api_key_header=header,
-        aes_key=bytes(32),
-        aes_key_base64=base64.b64encode(bytes(32)).decode(),
-        internal_service_key=INTERNAL_KEY,
+    return kit_in_memory(
+        hub_url=hub_url, api_key=HUB_KEY, api_key_header=header, internal_service_key=INTERNAL_KEY
     )
 
 

@@ -35,10 +35,10 @@ from trust_poller import crypto, reporter
 from trust_poller.errors import TrustPollerError
 from trust_poller.handlers import HANDLERS
 from trust_poller.hub import HubError
-from trust_poller.kit import Kit
 from trust_poller.ledger import Ledger, TaskState
 from trust_poller.logs import setup_logging
 from trust_poller.playground.demo import demo_payloads
+from trust_poller.playground.kits import kit_in_memory
 from trust_poller.playground.loopback_hub import LoopbackHub
 from trust_poller.poller import Daemon
 from trust_poller.redact import MASK, Redactor
@@ -48,13 +48,10 @@ SERVICES = "http://services.test"
 TRUST_ID = "6f1c2b4e-8a9d-4c3b-9e7f-0a1b2c3d4e5f"
 IDENTITY = {"trust_id": TRUST_ID, "trust_name": "Property Trust"}
 AES_KEY = bytes(range(7, 39))
-KIT = Kit(
-    path=Path("kit.env"),
+KIT = kit_in_memory(
+    aes_key=AES_KEY,
     hub_url=HUB,
     api_key="hub-canary-QmFzZTY0LXNhZmUtdG9rZW4tZm9yLXRlc3Rz",
-    api_key_header="Authorization",
-    aes_key=AES_KEY,
-    aes_key_base64=base64.b64encode(AES_KEY).decode(),
     internal_service_key="internal-canary-Zm9yLXRydXN0LXNlcnZpY2Vz",
     data_access_api_url=SERVICES,
     imaging_api_url=SERVICES,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 import socket
 import threading
 from collections.abc import Iterator
@@ -14,6 +13,7 @@ import responses
 from responses import matchers
 
 from trust_poller.kit import Kit
+from trust_poller.playground.kits import kit_in_memory
 from trust_poller.services import ServiceClient, ServiceError
 
 INTERNAL_KEY = "internal-canary-Qm9vbGVhbi1zZWNyZXQtdmFsdWU"
@@ -24,13 +24,9 @@ IMAGING = "http://imaging.test"
 
 @pytest.fixture
 def kit() -> Kit:
-    return Kit(
-        path=Path("kit.env"),
-        hub_url="https://hub.test/api",
-        api_key=HUB_KEY,
-        api_key_header="Authorization",
+    return kit_in_memory(
         aes_key=AES_KEY,
-        aes_key_base64=base64.b64encode(AES_KEY).decode(),
+        api_key=HUB_KEY,
         internal_service_key=INTERNAL_KEY,
         data_access_api_url="http://data-access.test",
         imaging_api_url=IMAGING,
