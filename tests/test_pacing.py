@@ -298,3 +298,17 @@ def test_hub_trouble_key_rejection_is_an_error_naming_the_key(
     [record] = [r for r in caplog.records if r.levelno >= logging.WARNING]
     assert record.levelno == logging.ERROR
     assert "TRUST_API_KEY" in record.getMessage()
+
+
+def test_a_failed_call_is_filed_under_the_problem_its_exception_names() -> None:
+    from trust_poller.hub import HubError, HubKeyRejected, HubRateLimited
+
+    trouble = HubTrouble()
+    trouble.failed_call(HubRateLimited("poll: 429", status=429, retry_after=5))
+    assert trouble.state == "rate-limited"
+    trouble.failed_call(HubError("poll: connection refused"))
+    assert trouble.state == "unreachable"
+    trouble.failed_call(HubKeyRejected("poll: 401"))
+    assert trouble.state == "key rejected"
+    trouble.succeeded()
+    assert trouble.state == "ok"

@@ -20,7 +20,6 @@ from trust_poller.hub import (
     HubClient,
     HubError,
     HubKeyRejected,
-    HubRateLimited,
     SnapshotRejected,
 )
 from trust_poller.identity import IdentityGuard
@@ -147,13 +146,10 @@ class Heartbeat:
                     self.state_trouble.recovered("state directory writable again")
                 except (Halted, IdentityMismatch):
                     return
-                except HubKeyRejected as exc:
-                    self.trouble.failed(str(exc), key_rejected=True, channel="heartbeat")
-                    delay = rejected.next_delay()
-                except HubRateLimited as exc:
-                    self.trouble.failed(exc.reason, rate_limited=True, channel="heartbeat")
-                except HubError as exc:
-                    self.trouble.failed(exc.reason, channel="heartbeat")
+                except (HubError, HubKeyRejected) as exc:
+                    self.trouble.failed_call(exc, channel="heartbeat")
+                    if isinstance(exc, HubKeyRejected):
+                        delay = rejected.next_delay()
                 except StateUnwritable as exc:
                     # The trust id could not be stored: not verified yet, so nothing is claimed.
                     self.state_trouble.failed(f"{exc}; cannot record the trust id", logging.ERROR)

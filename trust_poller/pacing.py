@@ -13,6 +13,7 @@ import threading
 import time
 from collections.abc import Callable
 
+from trust_poller.hub_replies import HubError, HubKeyRejected, HubRateLimited
 from trust_poller.logs import utc_timestamp
 
 log = logging.getLogger(__name__)
@@ -202,6 +203,15 @@ class HubTrouble:
             self.rate_limited.failed(reason, logging.WARNING, channel)
         else:
             self.unreachable.failed(reason, logging.WARNING, channel)
+
+    def failed_call(self, exc: HubError | HubKeyRejected, channel: str = "other") -> None:
+        """One failed hub call, filed under the problem its exception names."""
+        if isinstance(exc, HubKeyRejected):
+            self.failed(str(exc), key_rejected=True, channel=channel)
+        elif isinstance(exc, HubRateLimited):
+            self.failed(exc.reason, rate_limited=True, channel=channel)
+        else:
+            self.failed(exc.reason, channel=channel)
 
     def succeeded(self, channel: str = "other") -> None:
         self.unreachable.recovered("hub reachable again", channel)

@@ -27,7 +27,6 @@ from trust_poller.hub import (
     HubClient,
     HubError,
     HubKeyRejected,
-    HubRateLimited,
     PendingTask,
 )
 from trust_poller.identity import IdentityGuard
@@ -305,16 +304,8 @@ class Daemon:
                 continue
             except (Halted, IdentityMismatch):
                 return
-            except HubKeyRejected as exc:
-                self.trouble.failed(str(exc), key_rejected=True, channel="poll")
-                next_poll = time.monotonic() + backoff.next_delay()
-                continue
-            except HubRateLimited as exc:
-                self.trouble.failed(exc.reason, rate_limited=True, channel="poll")
-                next_poll = time.monotonic() + backoff.next_delay()
-                continue
-            except HubError as exc:
-                self.trouble.failed(exc.reason, channel="poll")
+            except (HubError, HubKeyRejected) as exc:
+                self.trouble.failed_call(exc, channel="poll")
                 next_poll = time.monotonic() + backoff.next_delay()
                 continue
             self.writer.trouble.recovered("state directory writable again")

@@ -30,7 +30,6 @@ from trust_poller.hub import (
     HubClient,
     HubError,
     HubKeyRejected,
-    HubRateLimited,
     ReportReply,
 )
 from trust_poller.identity import IdentityGuard
@@ -171,14 +170,8 @@ class Reporter:
                     if refreshed is None or refreshed.state is not TaskState.FINISHED:
                         break
                     entry = refreshed
-            except HubKeyRejected as exc:
-                self.trouble.failed(str(exc), key_rejected=True)
-                return False
-            except HubRateLimited as exc:
-                self.trouble.failed(exc.reason, rate_limited=True)
-                return False
-            except HubError as exc:
-                self.trouble.failed(exc.reason)
+            except (HubError, HubKeyRejected) as exc:
+                self.trouble.failed_call(exc)
                 return False
             self.trouble.succeeded()
         self.trouble.succeeded()  # a complete pass also ends a problem whose entries are gone
