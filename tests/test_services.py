@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,11 +14,11 @@ import responses
 from responses import matchers
 
 from trust_poller.kit import Kit
-from trust_poller.playground.kits import kit_in_memory
+from trust_poller.playground.kits import CANARY_HUB_KEY, CANARY_INTERNAL_KEY, kit_in_memory
 from trust_poller.services import ServiceClient, ServiceError
 
-INTERNAL_KEY = "internal-canary-Qm9vbGVhbi1zZWNyZXQtdmFsdWU"
-HUB_KEY = "hub-canary-aGVsbG8td29ybGQtc2VjcmV0LWtleQ"
+INTERNAL_KEY = CANARY_INTERNAL_KEY
+HUB_KEY = CANARY_HUB_KEY
 AES_KEY = bytes(range(32))
 IMAGING = "http://imaging.test"
 
@@ -337,3 +338,36 @@ def test_body_cut_short_on_loopback(kit: Kit, loopback_server: tuple[int, list[b
         "imaging-api answer was cut off: connection closed before the whole answer arrived"
     )
     assert error.status_code is None
+
+
+def test_a_body_dripping_past_the_deadline_fails_at_the_deadline(kit: Kit) -> None:
+    """A byte every 0.05 s never trips the read timeout; the wall-clock deadline must."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(1)
+    stop = threading.Event()
+
+    def drip() -> None:
+        connection, _ = server.accept()
+        with connection:
+            connection.recv(65536)
+            connection.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n")
+            while not stop.wait(0.05):
+                connection.sendall(b" ")
+
+    thread = threading.Thread(target=drip, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{server.getsockname()[1]}/x"
+    started = time.monotonic()
+    try:
+        with (
+            ServiceClient(kit, deadline_margin=0.5) as service_client,
+            pytest.raises(ServiceError) as caught,
+        ):
+            service_client.call("GET", url, read_timeout=0.5)
+    finally:
+        stop.set()
+        server.close()
+    assert time.monotonic() - started < 3
+    assert caught.value.timed_out
+    assert "did not finish its answer within 1 s" in caught.value.reason

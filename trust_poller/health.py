@@ -23,6 +23,7 @@ from typing import Any
 import requests
 
 from trust_poller import __version__
+from trust_poller.http_body import BodyDeadline, read_body
 from trust_poller.kit import Kit
 
 log = logging.getLogger(__name__)
@@ -304,16 +305,10 @@ def _grade_ping_pacs(status_code: int, body: bytes) -> Grade:
 
 def _read_capped(response: requests.Response, round_deadline: float) -> bytes:
     """Read at most _BODY_LIMIT bytes; a body still dripping at the deadline is a timeout."""
-    chunks: list[bytes] = []
-    size = 0
-    for chunk in response.iter_content(8192):
-        if time.monotonic() > round_deadline:
-            raise requests.ReadTimeout("body still arriving at the round deadline")
-        chunks.append(chunk)
-        size += len(chunk)
-        if size >= _BODY_LIMIT:
-            break
-    return b"".join(chunks)[:_BODY_LIMIT]
+    try:
+        return read_body(response, _BODY_LIMIT, round_deadline)[:_BODY_LIMIT]
+    except BodyDeadline:
+        raise requests.ReadTimeout("body still arriving at the round deadline") from None
 
 
 def _version_from(body: bytes) -> str | None:

@@ -20,6 +20,7 @@ from typing import Any
 import requests
 import urllib3
 
+from trust_poller.http_body import BodyDeadline, declared_length, read_body
 from trust_poller.hub_replies import (
     Answer,
     Halted,
@@ -93,9 +94,14 @@ def _retry_after(value: str | None) -> float | None:
 
 
 def _describe(exc: requests.RequestException | urllib3.exceptions.HTTPError) -> str:
-    if isinstance(exc, urllib3.exceptions.ReadTimeoutError):
+    # Mid-body failures come wrapped as iter_content wraps them (see http_body.read_body).
+    inner = exc.args[0] if exc.args else None
+    if isinstance(exc, urllib3.exceptions.ReadTimeoutError) or (
+        type(exc) is requests.exceptions.ConnectionError
+        and isinstance(inner, urllib3.exceptions.ReadTimeoutError)
+    ):
         return "the hub stopped sending its reply (read timed out)"
-    if isinstance(exc, urllib3.exceptions.ProtocolError):
+    if isinstance(exc, urllib3.exceptions.ProtocolError | requests.exceptions.ChunkedEncodingError):
         return "the connection was closed before the reply was complete"
     if isinstance(exc, requests.exceptions.SSLError):
         return "TLS verification failed (check HUB_CA_BUNDLE or the system trust store)"
@@ -151,36 +157,22 @@ class HubClient:
 
     def _read(self, response: requests.Response, cap: int, what: str) -> bytes:
         status = response.status_code
-        declared = response.headers.get("Content-Length", "")
-        # isascii: "²".isdigit() is True, but int("²") raises.
-        if declared.isascii() and declared.isdigit() and int(declared) > cap:
+        declared = declared_length(response)
+        if declared is not None and declared > cap:
             raise HubError(
-                f"{what}: reply of {int(declared):,} bytes is over the {cap:,}-byte cap",
-                status=status,
+                f"{what}: reply of {declared:,} bytes is over the {cap:,}-byte cap", status=status
             )
-        deadline = time.monotonic() + self.reply_deadline
-        read_some = getattr(response.raw, "read1", None)
-        chunks: list[bytes] = []
-        size = 0
-        while True:
-            if read_some is not None:
-                chunk = read_some(65536, decode_content=True)
-            else:
-                chunk = response.raw.read(65536, decode_content=True)
-            if not chunk:
-                return b"".join(chunks)
-            size += len(chunk)
-            if size > cap:
-                raise HubError(
-                    f"{what}: reply is over the {cap:,}-byte cap; refused while reading",
-                    status=status,
-                )
-            if time.monotonic() > deadline:
-                raise HubError(
-                    f"{what}: reply did not finish within {self.reply_deadline:.0f} s",
-                    status=status,
-                )
-            chunks.append(chunk)
+        try:
+            content = read_body(response, cap, time.monotonic() + self.reply_deadline)
+        except BodyDeadline:
+            raise HubError(
+                f"{what}: reply did not finish within {self.reply_deadline:.0f} s", status=status
+            ) from None
+        if len(content) > cap:
+            raise HubError(
+                f"{what}: reply is over the {cap:,}-byte cap; refused while reading", status=status
+            )
+        return content
 
     def _request(
         self,

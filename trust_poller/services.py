@@ -18,6 +18,7 @@ from typing import Any
 
 import requests
 
+from trust_poller.http_body import BodyDeadline, declared_length, read_body
 from trust_poller.kit import Kit
 from trust_poller.payloads import MAX_JSON_DEPTH, nested_too_deep
 from trust_poller.redact import Redactor
@@ -32,7 +33,6 @@ DEADLINE_MARGIN = 30.0
 DETAIL_CHARS = 300
 # Of an error answer only the start is read: enough for its `detail` or a short excerpt.
 ERROR_BODY_BYTES = 65536
-_CHUNK_BYTES = 65536
 _TAG = re.compile(r"<(script|style)\b.*?</\1\s*>|<[^>]*>", re.IGNORECASE | re.DOTALL)
 _SPACE = re.compile(r"\s+")
 
@@ -269,30 +269,22 @@ class ServiceClient:
         """Read the body within the deadline; past the cap fail, or keep the start (errors)."""
         limit = ERROR_BODY_BYTES if truncate else self._max_bytes
         too_large = ServiceError(f"{service} response too large (over {limit:,} bytes)")
-        declared = response.headers.get("Content-Length", "")
-        # isascii: "²".isdigit() is True, but int("²") raises.
-        if not truncate and declared.isascii() and declared.isdigit() and int(declared) > limit:
+        declared = declared_length(response)
+        if not truncate and declared is not None and declared > limit:
             raise too_large
-        chunks: list[bytes] = []
-        received = 0
         try:
-            for chunk in response.iter_content(_CHUNK_BYTES):
-                if self._clock() > deadline:
-                    raise ServiceError(
-                        f"{service} did not finish its answer within "
-                        f"{read + self._deadline_margin:g} s",
-                        timed_out=True,
-                    )
-                chunks.append(chunk)
-                received += len(chunk)
-                if received > limit:
-                    if truncate:
-                        break
-                    raise too_large
+            body = read_body(response, limit, deadline, self._clock)
+        except BodyDeadline:
+            raise ServiceError(
+                f"{service} did not finish its answer within {read + self._deadline_margin:g} s",
+                timed_out=True,
+            ) from None
         except requests.RequestException as exc:
             if _is_timeout(exc):
                 raise ServiceError(
                     f"{service} stopped sending its answer for over {read:g} s", timed_out=True
                 ) from None
             raise ServiceError(f"{service} answer was cut off: {_transport_problem(exc)}") from None
-        return b"".join(chunks)[:limit]
+        if len(body) > limit and not truncate:
+            raise too_large
+        return body[:limit]
