@@ -26,11 +26,11 @@ from trust_poller.handlers import (
 )
 from trust_poller.kit import Kit
 from trust_poller.outcome import Outcome
-from trust_poller.playground.kits import kit_in_memory
+from trust_poller.playground.kits import CANARY_HUB_KEY, CANARY_INTERNAL_KEY, kit_in_memory
 from trust_poller.services import ServiceClient
 
-INTERNAL_KEY = "internal-canary-Qm9vbGVhbi1zZWNyZXQtdmFsdWU"
-HUB_KEY = "hub-canary-aGVsbG8td29ybGQtc2VjcmV0LWtleQ"
+INTERNAL_KEY = CANARY_INTERNAL_KEY
+HUB_KEY = CANARY_HUB_KEY
 AES_KEY = bytes(range(32))
 AES_TEXT = base64.b64encode(AES_KEY).decode()
 IMAGING = "http://imaging.test"

@@ -35,12 +35,12 @@ from trust_poller.hub import (
 from trust_poller.kit import Kit
 from trust_poller.pacing import Pacer
 from trust_poller.playground.fake_clock import ClockHalt, FakeClock
-from trust_poller.playground.kits import kit_in_memory
+from trust_poller.playground.kits import CANARY_HUB_KEY, CANARY_INTERNAL_KEY, kit_in_memory
 from trust_poller.tls import PinnedTrustAdapter
 
 HUB = "https://hub.test/api"
-HUB_KEY = "hub-canary-aGVsbG8td29ybGQtc2VjcmV0LWtleQ"
-INTERNAL_KEY = "internal-canary-Qm9vbGVhbi1zZWNyZXQtdmFsdWU"
+HUB_KEY = CANARY_HUB_KEY
+INTERNAL_KEY = CANARY_INTERNAL_KEY
 TRUST_ID = "6f1c2b4e-8a9d-4c3b-9e7f-0a1b2c3d4e5f"
 TRUST_NAME = "Trust_1"
 TASK_ID = "0b6c7f38-1d2e-4f5a-8b9c-0d1e2f3a4b5c"

@@ -5,13 +5,14 @@ No business logic lives here; the exit codes themselves are in errors.py.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
 import os
 import signal
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -131,6 +132,17 @@ def start(kit_path: Path, log_format: str, verbose: bool) -> tuple[Kit, Redactor
     return kit, redactor
 
 
+@contextlib.contextmanager
+def with_state(
+    kit_path: Path, log_format: str, verbose: bool, state_dir: Path | None
+) -> Iterator[tuple[Kit, Redactor, Ledger]]:
+    """What `run` and `once` share: the kit, its redactor, host warnings, the locked state."""
+    kit, redactor = start(kit_path, log_format, verbose)
+    warn_unresolvable_hosts(kit)
+    with Ledger.open(state_dir or default_state_dir()) as ledger:
+        yield kit, redactor, ledger
+
+
 @click.group()
 @click.version_option(__version__, prog_name="trust-poller")
 def main() -> None:
@@ -143,9 +155,7 @@ def main() -> None:
 @exits_with_code
 def run(kit_path: Path, log_format: str, verbose: bool, state_dir: Path | None) -> int:
     """Poll the hub forever (what systemd runs). SIGTERM/SIGINT drain and stop cleanly."""
-    kit, redactor = start(kit_path, log_format, verbose)
-    warn_unresolvable_hosts(kit)
-    with Ledger.open(state_dir or default_state_dir()) as ledger:
+    with with_state(kit_path, log_format, verbose, state_dir) as (kit, redactor, ledger):
         health = HealthCollector(kit)
         daemon = Daemon(
             kit, ledger, redactor, notifier=SystemdNotifier.from_environ(), health=health
@@ -167,9 +177,7 @@ def run(kit_path: Path, log_format: str, verbose: bool, state_dir: Path | None) 
 @exits_with_code
 def once(kit_path: Path, log_format: str, verbose: bool, state_dir: Path | None) -> int:
     """One cycle: heartbeat, re-send, claim, run, report; then exit (for debugging)."""
-    kit, redactor = start(kit_path, log_format, verbose)
-    warn_unresolvable_hosts(kit)
-    with Ledger.open(state_dir or default_state_dir()) as ledger:
+    with with_state(kit_path, log_format, verbose, state_dir) as (kit, redactor, ledger):
         summary = Daemon(kit, ledger, redactor).once()
     unsent_ids = {entry.id for entry in summary.unsent}
     for record in summary.records:
@@ -215,4 +223,4 @@ def demo(log_format: str, verbose: bool) -> int:
     if not verbose:
         logging.getLogger().setLevel(logging.ERROR)
     # The demo reports success or failure; a failed demo is a bug, not a kit or hub problem.
-    return EXIT_OK if run_demo(click.echo) == 0 else EXIT_INTERNAL_ERROR
+    return EXIT_OK if run_demo(click.echo) else EXIT_INTERNAL_ERROR

@@ -104,7 +104,8 @@ def _result_text(success: bool | None, result: str | None) -> str:
     return json.dumps(document)[:50]
 
 
-def run_demo(echo: Callable[[str], None]) -> int:
+def run_demo(echo: Callable[[str], None]) -> bool:
+    """Run the playground and print what happened; True when every task ended as expected."""
     internal_key = f"demo-internal-{uuid.uuid4().hex}"
     with (
         tempfile.TemporaryDirectory(prefix="trust-poller-demo-") as folder,
@@ -164,4 +165,4 @@ def run_demo(echo: Callable[[str], None]) -> int:
             echo(f"finished in {elapsed:.1f} s; every result delivered: {'yes' if done else 'NO'}")
             expected_failure = hub.task(tampered).status == "FAILED"
             others_ok = all(hub.task(i).status == "COMPLETED" for i in ids if i != tampered)
-            return 0 if done and expected_failure and others_ok else 1
+            return done and expected_failure and others_ok
